@@ -1,0 +1,320 @@
+"""Save and load LoRA adapters in PEFT's on-disk format.
+
+A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields plus a ``"lorafit"`` block that
+PEFT ignores) and ``adapter_model.safetensors`` whose keys read
+``base_model.model.<module>.lora_A.weight``, so ``peft.PeftModel.from_pretrained`` loads it and
+:func:`load_adapter` loads folders that PEFT wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from lorafit.lora import (
+    ALL_LINEAR,
+    LoRALinear,
+    inject_lora,
+    lora_modules,
+    lora_state_dict,
+    matches,
+    unwrap_lora,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# PEFT writes "<module>.lora_A.weight"; some versions keep the adapter name
+# (".lora_A.default.weight").
+_PEFT_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<param>lora_[AB])(?:\.[^.]+)?\.weight")
+# PEFT LoraConfig fields lorafit cannot honour, with the value that means "off".
+_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+}
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: str | Sequence[str],
+    use_rslora: bool,
+    base_model_name_or_path: str | os.PathLike | None,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the LoRA tensors of ``model`` (and ``modules_to_save``) as a PEFT adapter folder.
+
+    Per-module ranks or alphas that differ from ``r``/``lora_alpha`` are written as PEFT's
+    ``rank_pattern``/``alpha_pattern``. ``"all-linear"`` is written as the full names of the
+    wrapped modules (as PEFT 0.21 itself does), so PEFT adapts exactly the same layers; so are
+    targets that do not describe the model's LoRA layers (with a warning), e.g. when
+    ``exclude_modules`` was not passed.
+
+    Args:
+        model: A model with LoRA injected.
+        out_dir: Folder to create, or whose two files to replace.
+        r, lora_alpha, lora_dropout, target_modules, use_rslora, exclude_modules: The LoRA config
+            that produced ``model``.
+        base_model_name_or_path: Hub id or folder of the base model, for PEFT's config.
+        task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...).
+        modules_to_save: Fully trained modules (e.g. a classifier head) saved whole.
+        extra: Free-form metadata stored under ``"lorafit"``.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: ``model`` has no LoRA layers.
+    """
+    wrapped, alpha = dict(lora_modules(model)), lora_alpha
+    if not wrapped:
+        raise ValueError("save_adapter: the model has no LoRA layers; call inject_lora first.")
+    if target_modules != ALL_LINEAR and not _describes(
+        model, wrapped, target_modules, exclude_modules
+    ):
+        logger.warning(
+            "save_adapter: target_modules=%r with exclude_modules=%r does not describe the "
+            "model's LoRA layers; writing their full names instead so PEFT adapts the same ones.",
+            target_modules,
+            exclude_modules,
+        )
+        target_modules = ALL_LINEAR
+    if target_modules == ALL_LINEAR:
+        target_modules, exclude_modules = list(wrapped), None
+    # "<module>.lora_A" -> "base_model.model.<module>.lora_A.weight"
+    tensors = {
+        f"{PEFT_PREFIX}{k}.weight": t.contiguous().cpu() for k, t in lora_state_dict(model).items()
+    }
+    for name, module in model.named_modules():
+        if name and modules_to_save and matches(name, modules_to_save):
+            for key, t in module.state_dict().items():
+                tensors[f"{PEFT_PREFIX}{name}.{key}"] = t.detach().contiguous().cpu().clone()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": _jsonable(target_modules),
+        "exclude_modules": _jsonable(exclude_modules),
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "base_model_name_or_path": base_model_name_or_path and str(base_model_name_or_path),
+        "fan_in_fan_out": False,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        # PEFT reads pattern keys as regexes matching a name suffix: escape the exact names.
+        "rank_pattern": {re.escape(n): m.r for n, m in wrapped.items() if m.r != r},
+        "alpha_pattern": {
+            re.escape(n): m.lora_alpha for n, m in wrapped.items() if m.lora_alpha != alpha
+        },
+        "lorafit": extra or {},
+    }
+    files = {  # weights first: a reader never sees a new config next to old weights
+        WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    out_dir = Path(out_dir)
+    _write_atomic(out_dir, files)
+    return out_dir
+
+
+def _jsonable(targets: str | Sequence[str] | None) -> str | list[str] | None:
+    return targets if targets is None or isinstance(targets, str) else list(targets)
+
+
+def _describes(
+    model: nn.Module,
+    wrapped: dict[str, LoRALinear],
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None,
+) -> bool:
+    """True when PEFT, reading these targets, would adapt exactly the wrapped layers."""
+
+    def selected(name: str) -> bool:
+        excluded = bool(exclude_modules) and matches(name, exclude_modules)
+        return matches(name, target_modules) and not excluded
+
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plain = [n for n in plain if not n.endswith(".base_layer")]
+    return all(selected(n) for n in wrapped) and not any(selected(n) for n in plain)
+
+
+def _write_atomic(out_dir: Path, files: dict[str, bytes]) -> None:
+    """New folder: build it beside ``out_dir`` and rename; existing: replace each file by rename."""
+    if out_dir.exists():
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, out_dir / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            (tmp_dir / name).write_bytes(data)
+        tmp_dir.chmod(0o755)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``adapter_config.json`` and check that it is a LoRA config lorafit can load.
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: ``peft_type`` is not ``"LORA"`` or ``target_modules`` is missing.
+        NotImplementedError: The config turns on a PEFT feature lorafit lacks (DoRA, bias, ...).
+    """
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {Path(adapter_dir)} (expected {path}).")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA'."
+        )
+    if not config.get("target_modules"):
+        raise ValueError(f"{path}: field 'target_modules' is empty; cannot tell what to adapt.")
+    for key, off in _UNSUPPORTED.items():
+        if config.get(key, off) not in (off, None, [], {}):
+            raise NotImplementedError(
+                f"{path}: {key}={config[key]!r} is a PEFT feature lorafit does not implement; "
+                "load this adapter with PEFT instead."
+            )
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Inject LoRA into ``model`` as ``adapter_config.json`` says and load the saved tensors.
+
+    On any error the model is put back as it was (LoRA layers removed, flags restored).
+
+    Args:
+        model: A fresh base model (no LoRA yet), the one the adapter was trained on.
+        adapter_dir: A folder written by :func:`save_adapter` or by PEFT's ``save_pretrained``.
+
+    Returns:
+        The adapter config as a dict.
+
+    Raises:
+        FileNotFoundError: ``adapter_config.json`` or ``adapter_model.safetensors`` is missing.
+        ValueError: Wrong ``peft_type``, unreadable weights, missing/unexpected keys or a shape
+            mismatch (named with expected and found shapes).
+        NotImplementedError: The config uses a PEFT feature lorafit lacks.
+    """
+    config = read_adapter_config(adapter_dir)
+    tensors = _read_weights(Path(adapter_dir) / WEIGHTS_NAME)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    inject_lora(
+        model,
+        config["target_modules"],
+        r=config["r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config.get("lora_dropout", 0.0),
+        use_rslora=config.get("use_rslora", False),
+        exclude_modules=config.get("exclude_modules"),
+        rank_pattern=config.get("rank_pattern"),
+        alpha_pattern=config.get("alpha_pattern"),
+    )
+    try:
+        _copy_tensors(model, tensors, config, Path(adapter_dir) / WEIGHTS_NAME)
+    except BaseException:
+        unwrap_lora(model, merge=False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+        raise
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"No {path.name} in {path.parent} (expected {path}).")
+    try:
+        return load_safetensors(path.read_bytes())
+    except Exception as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}"
+        ) from exc
+
+
+def _copy_tensors(
+    model: nn.Module, tensors: dict[str, Tensor], config: dict[str, Any], path: Path
+) -> None:
+    """Map PEFT keys to lorafit's, check names and shapes, and copy into ``model``."""
+    expected = lora_state_dict(model)
+    extra = {}  # modules_to_save tensors, keyed like model.state_dict()
+    found: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX)
+        m = _PEFT_LORA_KEY.fullmatch(key)
+        if m:
+            found[f"{m['module']}.{m['param']}"] = t
+        else:
+            extra[key] = t
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model: {len(missing)} LoRA tensors missing (first: "
+            f"{missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]}). The adapter "
+            "was probably made for another base model or other target_modules."
+        )
+    own = model.state_dict()
+    stray = [k for k in extra if k not in own]
+    if stray:
+        raise ValueError(
+            f"{path}: tensor {stray[0]!r} names nothing in this model (of "
+            f"{len(stray)} such); the adapter was made for another base model."
+        )
+    pairs = [(k, expected[k], found[k]) for k in expected] + [(k, own[k], extra[k]) for k in extra]
+    for key, dst, src in pairs:
+        if dst.shape != src.shape:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(src.shape)} but this model expects "
+                f"{tuple(dst.shape)}. The adapter was probably made for another base model "
+                f"(other hidden/intermediate sizes) or with another rank (config r={config['r']})."
+            )
+    with torch.no_grad():
+        for _, dst, src in pairs:
+            dst.copy_(src)

@@ -1,0 +1,274 @@
+"""`lorafit train`: one Hydra config -> base model + LoRA + data -> Lightning fit -> run folder.
+
+    python -m lorafit.train lora.r=16 trainer.max_steps=100
+    lorafit train -m lora.r=4,8,16            # a multirun
+
+The run folder (Hydra's output dir) receives `.hydra/`, `metrics.json`, `adapter/`, `loss_curve.png`,
+`samples.jsonl`, Lightning's `metrics.csv` and `checkpoints/`. `metrics.json` is written last, so a
+folder without it is not a finished run; a run that failed writes `failed.json` with the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lorafit.adapters import save_adapter
+from lorafit.data import render
+from lorafit.lora import disable_lora, inject_lora
+from lorafit.models import load_model_and_tokenizer
+from lorafit.module import LoRAModule
+
+log = logging.getLogger("lorafit")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+if not OmegaConf.has_resolver("lorafit.wandb_offline"):
+    OmegaConf.register_new_resolver(
+        "lorafit.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY")
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    """HEAD of the lorafit checkout, with `-dirty` when it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "lorafit": __import__("lorafit").__version__,
+    }
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved run config (hydra section excluded), first 16 hex digits."""
+    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
+    """Greedy answers of the base (LoRA disabled) and the tuned model to held-out prompts."""
+    model.eval()
+    rows = []
+    for messages, reference in prompts:
+        text = render(tokenizer, messages, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = ids.to(model.device)
+
+        def answer(ids=ids) -> str:
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+        with disable_lora(model):
+            base = answer()
+        rows.append({"prompt": messages, "reference": reference, "base": base, "tuned": answer()})
+    return rows
+
+
+def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Training loss per step and validation loss points, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        ax.plot(*zip(*history["train"], strict=True), label="train/loss", lw=1)
+    if history["val"]:
+        ax.plot(*zip(*history["val"], strict=True), "o-", label="val/loss")
+    ax.set(xlabel="optimizer step", ylabel="loss per supervised token (nats)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def build(cfg: DictConfig):
+    """Config -> (model, tokenizer, model_dir, lora report, datamodule). Raises on bad input."""
+    model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, cfg.task)
+    lora_kwargs = OmegaConf.to_container(cfg.lora, resolve=True)
+    report = inject_lora(model, **lora_kwargs)
+    log.info("LoRA: %s", report)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
+    datamodule.setup("fit")
+    return model, tokenizer, model_dir, report, datamodule
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one fine-tuning described by `cfg` and write the run folder. Returns the metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    model, tokenizer, model_dir, report, datamodule = build(cfg)
+
+    module = LoRAModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger))
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    def evaluate() -> float:
+        return float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+
+    eval_before = evaluate()
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.perf_counter() - t0
+    eval_after = evaluate()
+
+    adapter_dir = save_adapter(
+        model,
+        run_dir / "adapter",
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=OmegaConf.to_container(cfg.lora.target_modules)
+        if OmegaConf.is_list(cfg.lora.target_modules)
+        else cfg.lora.target_modules,
+        use_rslora=cfg.lora.use_rslora,
+        exclude_modules=OmegaConf.to_container(cfg.lora.exclude_modules)
+        if OmegaConf.is_list(cfg.lora.exclude_modules)
+        else cfg.lora.exclude_modules,
+        base_model_name_or_path=model_dir,
+        task_type="CAUSAL_LM",
+        extra={"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()},
+    )
+    tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
+    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+
+    if cfg.samples.num_prompts > 0:
+        rows = generate_samples(
+            model, tokenizer, datamodule.sample_prompts, cfg.samples.max_new_tokens
+        )
+        tmp = run_dir / ".samples.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        os.replace(tmp, run_dir / "samples.jsonl")
+
+    plot_loss_curve(
+        module.history,
+        run_dir / "loss_curve.png",
+        f"{cfg.model.name} r={cfg.lora.r} alpha={cfg.lora.lora_alpha}",
+    )
+    metrics = {
+        "task": cfg.task,
+        "model": cfg.model.name,
+        "dataset": cfg.data.get("source", "?"),
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.lora_alpha,
+        "target_modules": OmegaConf.to_container(cfg.lora.target_modules)
+        if OmegaConf.is_list(cfg.lora.target_modules)
+        else cfg.lora.target_modules,
+        "lora_modules": len(report.modules),
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "trainable_fraction": report.trainable_fraction,
+        "adapter_bytes": adapter_bytes,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "eval_loss_reduction": 1 - eval_after / eval_before,
+        "train_steps": trainer.global_step,
+        "train_tokens": module.train_tokens,
+        "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
+        "train_seconds": train_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(module.device),
+        "data": datamodule.stats,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    log.info(
+        "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %d bytes; run folder %s",
+        eval_before,
+        eval_after,
+        100 * metrics["eval_loss_reduction"],
+        adapter_bytes,
+        run_dir,
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point. Returns `eval_loss_after` (the objective sweepers minimise)."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return train(cfg)["eval_loss_after"]
+    except Exception as e:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        write_json(
+            run_dir / "failed.json",
+            {"status": "failed", "error": f"{type(e).__name__}: {e}", "seed": cfg.seed},
+        )
+        if multirun:  # one broken run must not end the sweep
+            log.error("Run failed (recorded in %s/failed.json): %s", run_dir, e)
+            return math.nan
+        if isinstance(e, ValueError | OSError):  # bad input: one clear paragraph, no traceback
+            print(f"\nlorafit: error: {e}\n", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random Llama models built from config (no weights read)."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
+
+
+@pytest.fixture
+def make_llama() -> Callable[..., LlamaForCausalLM]:
+    """Build a tiny Llama in eval mode; the same seed and overrides give the same weights."""
+
+    def make(seed: int = 0, cls: type = LlamaForCausalLM, **overrides) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        return cls(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+    return make
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    """A (2, 10) batch of token ids."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 10), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    """The built-in SmolLM2-135M-Instruct as a local safetensors folder (converted once, cached)."""
+    from omegaconf import OmegaConf
+
+    from lorafit.models import resolve_model_dir
+
+    return resolve_model_dir(OmegaConf.load("conf/model/smollm2_135m.yaml"))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)

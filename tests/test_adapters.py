@@ -1,0 +1,236 @@
+"""Adapter folders: lorafit <-> PEFT round trips on tiny random Llamas, and load errors."""
+
+import json
+import logging
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaForSequenceClassification
+
+from lorafit.adapters import load_adapter, read_adapter_config, save_adapter
+from lorafit.lora import inject_lora, lora_modules, lora_state_dict
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# PEFT warns about the "lorafit" block it ignores (it assumes a newer PEFT wrote the file).
+IGNORES_LORAFIT_KEY = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")
+
+
+def lora_model(model: nn.Module, targets=ATTN, **kwargs) -> nn.Module:
+    """``model`` with LoRA and random lora_B (so the adapter changes the output)."""
+    inject_lora(
+        model, targets, r=kwargs.pop("r", 4), lora_alpha=kwargs.pop("lora_alpha", 8), **kwargs
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            nn.init.normal_(m.lora_B, std=0.02)
+    return model
+
+
+def save(model, path, targets=ATTN, **kwargs):
+    defaults = dict(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=targets,
+        use_rslora=False,
+        base_model_name_or_path="tiny-llama",
+    )
+    return save_adapter(model, path, **{**defaults, **kwargs})
+
+
+def max_diff(a: nn.Module, b: nn.Module, input_ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (a(input_ids).logits - b(input_ids).logits).abs().max().item()
+
+
+def test_save_writes_peft_layout(make_llama, tmp_path):
+    model = lora_model(make_llama())
+    out = save(
+        model,
+        tmp_path / "run" / "adapter",
+        extra={"seed": 3},
+        base_model_name_or_path=tmp_path / "base",
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == ATTN
+    assert config["lorafit"] == {"seed": 3} and config["rank_pattern"] == {}
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert tensors[key].shape == (4, 64) and len(tensors) == 2 * 4 * 2
+    # Saving again over the folder replaces the files and leaves no temp files behind.
+    save(model, out, extra={"seed": 4})
+    assert json.loads((out / "adapter_config.json").read_text())["lorafit"] == {"seed": 4}
+    assert len(list(out.iterdir())) == 2 and len(list(out.parent.iterdir())) == 1
+
+
+@IGNORES_LORAFIT_KEY
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lorafit_adapter_loads_in_peft(make_llama, input_ids, tmp_path, use_rslora):
+    model = lora_model(make_llama(), use_rslora=use_rslora)
+    save(model, tmp_path, use_rslora=use_rslora)
+    reference = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    assert max_diff(model, reference, input_ids) < 1e-4
+    assert max_diff(model, make_llama(), input_ids) > 1e-4
+
+
+def test_peft_ignores_lorafit_block_with_a_warning(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path, extra={"seed": 3})
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['lorafit'\]"):
+        config = peft.LoraConfig.from_pretrained(tmp_path)
+    assert config.r == 4 and set(config.target_modules) == set(ATTN)
+
+
+@IGNORES_LORAFIT_KEY
+def test_all_linear_and_patterns_load_in_peft(make_llama, input_ids, tmp_path):
+    model = lora_model(
+        make_llama(),
+        "all-linear",
+        exclude_modules=["model.layers.0.mlp.up_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.mlp\.down_proj": 3},
+    )
+    save(model, tmp_path, "all-linear", exclude_modules=["model.layers.0.mlp.up_proj"])
+    config = read_adapter_config(tmp_path)
+    assert len(config["target_modules"]) == 13 and "lm_head" not in config["target_modules"]
+    assert config["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.v_proj": 2 for i in (0, 1)}
+    assert config["alpha_pattern"] == {r"model\.layers\.1\.mlp\.down_proj": 3}
+    reference = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    assert max_diff(model, reference, input_ids) < 1e-4
+    loaded = make_llama()
+    load_adapter(loaded, tmp_path)
+    assert max_diff(model, loaded, input_ids) == 0
+
+
+@IGNORES_LORAFIT_KEY
+def test_save_writes_full_names_when_targets_do_not_fit(make_llama, input_ids, tmp_path, caplog):
+    model = lora_model(make_llama(), ATTN, exclude_modules=["o_proj"])
+    with caplog.at_level(logging.WARNING, logger="lorafit.adapters"):
+        save(model, tmp_path)  # exclude_modules forgotten: PEFT would also adapt o_proj
+    assert "does not describe the model's LoRA layers" in caplog.text
+    names = read_adapter_config(tmp_path)["target_modules"]
+    assert names == [n for n, _ in lora_modules(model)] and len(names) == 6
+    reference = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    assert max_diff(model, reference, input_ids) < 1e-4
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_loads_in_lorafit(make_llama, input_ids, tmp_path, use_rslora):
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    reference = peft.get_peft_model(make_llama(), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    reference.save_pretrained(tmp_path)
+    model = make_llama()
+    loaded = load_adapter(model, tmp_path)
+    assert loaded["r"] == 4 and loaded["use_rslora"] is use_rslora
+    assert len(lora_state_dict(model)) == 2 * 3 * 2
+    assert max_diff(model, reference.eval(), input_ids) < 1e-4
+
+
+def test_peft_all_linear_adapter_loads_in_lorafit(make_llama, input_ids, tmp_path):
+    reference = peft.get_peft_model(make_llama(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    reference.save_pretrained(tmp_path)
+    model = make_llama()
+    load_adapter(model, tmp_path)
+    assert len(list(lora_modules(model))) == 14
+    assert max_diff(model, reference.eval(), input_ids) < 1e-4
+
+
+@IGNORES_LORAFIT_KEY
+def test_modules_to_save_round_trip(make_llama, input_ids, tmp_path):
+    def make():
+        return make_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0)
+
+    model = make()
+    inject_lora(model, ATTN, r=4, lora_alpha=8)
+    model.score.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.score.weight.mul_(2.0)
+        for _, m in lora_modules(model):
+            nn.init.normal_(m.lora_B, std=0.02)
+    save(model, tmp_path, task_type="SEQ_CLS", modules_to_save=["score"])
+    assert "base_model.model.score.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    assert max_diff(model, reference, input_ids) < 1e-4
+    loaded = make()
+    load_adapter(loaded, tmp_path)
+    assert max_diff(model, loaded, input_ids) == 0
+
+
+def test_shape_mismatch_names_key_and_shapes(make_llama, tmp_path):
+    save(lora_model(make_llama(hidden_size=32)), tmp_path)
+    model = make_llama()
+    with pytest.raises(ValueError) as err:
+        load_adapter(model, tmp_path)
+    msg = str(err.value)
+    assert "'model.layers.0.self_attn.q_proj.lora_A'" in msg
+    assert "shape (4, 32)" in msg and "expects (4, 64)" in msg and "another base model" in msg
+    # The failed load leaves the model as it was: no LoRA layers, parameters trainable again.
+    assert not list(lora_modules(model)) and all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_config(make_llama, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_missing_weights(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_wrong_peft_type(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="'peft_type' is 'IA3'"):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_unsupported_peft_feature(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="use_dora=True"):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_corrupt_weights(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors"):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_missing_tensor(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path, target_modules=ATTN)
+    path = tmp_path / "adapter_config.json"
+    config = {**json.loads(path.read_text()), "target_modules": ATTN + ["up_proj"]}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="4 LoRA tensors missing"):
+        load_adapter(make_llama(), tmp_path)

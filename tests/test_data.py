@@ -1,0 +1,120 @@
+"""Data: chat rendering, label masking on SmolLM2's real template, loaders' errors, batching."""
+
+import json
+
+import pytest
+
+from lorafit.data import (
+    IGNORE_INDEX,
+    ChatDataModule,
+    DataError,
+    collate,
+    encode_chat,
+    load_chatterbot,
+    load_jsonl_messages,
+)
+
+CHAT = [
+    {"role": "user", "content": "What is LoRA?"},
+    {"role": "assistant", "content": "A low-rank update."},
+    {"role": "user", "content": "Who wrote it?"},
+    {"role": "assistant", "content": "Hu et al."},
+]
+
+
+def labelled_text(tok, ex):
+    return tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX])
+
+
+def test_masking_labels_exactly_assistant_turns(smol_tokenizer):
+    ex = encode_chat(smol_tokenizer, CHAT, max_length=512)
+    assert len(ex["input_ids"]) == len(ex["labels"])
+    # Exactly the two answers plus their end-of-turn tokens carry labels, nothing of the prompt.
+    assert labelled_text(smol_tokenizer, ex) == "A low-rank update.<|im_end|>Hu et al.<|im_end|>"
+    labelled = [i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX]
+    assert all(ex["labels"][i] == ex["input_ids"][i] for i in labelled)
+    # The default system message inserted by SmolLM2's template is prompt, so unlabelled.
+    assert "SmolLM" in smol_tokenizer.decode(ex["input_ids"])
+
+
+def test_train_on_prompt_labels_every_token(smol_tokenizer):
+    ex = encode_chat(smol_tokenizer, CHAT, max_length=512, train_on_prompt=True)
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_truncation_is_reported(smol_tokenizer):
+    ex = encode_chat(smol_tokenizer, CHAT, max_length=10)
+    assert len(ex["input_ids"]) == 10 and ex["truncated"]
+
+
+def test_chatterbot_corpus_reads_real_conversations():
+    convs, skipped = load_chatterbot("english")
+    assert len(convs) > 1900
+    assert skipped["no_assistant_turn"] >= 1  # a trivia entry is a lone string
+    assert any(len(c) > 2 for c in convs)  # multi-turn kept
+    for c in convs:
+        assert [m["role"] for m in c] == ["user", "assistant"] * (len(c) // 2)
+
+
+def test_chatterbot_unknown_language_lists_choices():
+    with pytest.raises(DataError, match="english"):
+        load_chatterbot("klingon")
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    p.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"chats.jsonl:2: not valid JSON"):
+        load_jsonl_messages(p)
+    p.write_text(json.dumps(good) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"chats.jsonl:2: .*'messages'"):
+        load_jsonl_messages(p)
+    with pytest.raises(DataError, match="data.path"):
+        load_jsonl_messages(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_skips_conversations_without_answer(tmp_path):
+    p = tmp_path / "chats.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "unanswered"}]},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    convs, skipped = load_jsonl_messages(p)
+    assert len(convs) == 1 and convs[0][0]["role"] == "system"
+    assert skipped["no_assistant_turn"] == 1
+
+
+def test_collate_pads_right_to_longest():
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+        pad_token_id=0,
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_split_is_deterministic_and_disjoint(smol_tokenizer):
+    def split(seed):
+        dm = ChatDataModule(smol_tokenizer, max_train_examples=None, seed=seed, num_samples=2)
+        dm.setup()
+        return dm
+
+    a, b, c = split(1), split(1), split(2)
+    ids = lambda d: {tuple(x["input_ids"]) for x in d}  # noqa: E731
+    assert ids(a.val_set) == ids(b.val_set)
+    assert ids(a.val_set) != ids(c.val_set)
+    assert len(a.train_set) + len(a.val_set) == len(c.train_set) + len(c.val_set)
+    assert len(a.val_set) == pytest.approx(0.05 * a.stats["conversations_read"], abs=3)
+    assert a.stats["train_examples"] == len(a.train_set)
+    assert len(a.sample_prompts) == 2
+    batch = next(iter(a.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8
