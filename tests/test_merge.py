@@ -29,12 +29,12 @@ def base_dir(make_llama, smol_tokenizer, tmp_path) -> Path:
 
 def write_adapter(model: nn.Module, path: Path, base: Path, r=4, targets=ATTN, seed=1) -> Path:
     """Inject LoRA with random lora_B (so merging changes the weights) and save it."""
-    inject_lora(model, targets, r=r, lora_alpha=8)
+    inject_lora(model, targets, r=r, lora_alpha=8, lora_dropout=0.1)  # dropout: must be off
     torch.manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
             nn.init.normal_(m.lora_B, std=0.05)
-    kw = dict(r=r, lora_alpha=8, lora_dropout=0.0, use_rslora=False)
+    kw = dict(r=r, lora_alpha=8, lora_dropout=0.1, use_rslora=False)
     return save_adapter(model, path, target_modules=targets, base_model_name_or_path=base, **kw)
 
 
@@ -69,6 +69,7 @@ def test_merge_float32_writes_plain_verified_folder(make_llama, adapter_dir, bas
     assert getattr(merged.config, "quantization_config", None) is None
     unmerged = make_llama(vocab_size=SMOL_VOCAB)
     load_adapter(unmerged, adapter_dir)
+    unmerged.eval()  # the LoRA layers come in training mode (dropout on)
     ids = torch.tensor([[1, 5, 900, 31, 7000]])
     with torch.no_grad():
         base_diff = (make_llama(vocab_size=SMOL_VOCAB)(ids).logits - unmerged(ids).logits).abs()

@@ -162,9 +162,9 @@ def run(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> list[dict]:
-    """Answer every prompt, streaming to ``out`` (or side by side with ``compare``).
+    """Answer every prompt, streaming to ``out`` (default stdout), or side by side (``compare``).
 
     Returns:
         One ``{"prompt", "answer"}`` (plus ``"base"`` with ``compare``) per prompt.
@@ -172,6 +172,7 @@ def run(
     Raises:
         ValueError: ``compare`` without an adapter to compare against.
     """
+    out = out or sys.stdout
     model, tokenizer = load_for_generation(source, base)
     if compare and next(lora_modules(model), None) is None:
         raise ValueError(

@@ -28,9 +28,10 @@ from lorafit.lora import lora_modules
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max |logit difference| allowed, merged vs unmerged float32 model. float32 is the bound;
-# the half types are loose bounds measured on SmolLM2-135M (see benchmarks/RESULTS.md): casting the
-# weights alone moves its logits by about that much, so a larger gap means a wrong merge.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5, "float16": 0.25}
+# for the half types, casting SmolLM2-135M's weights alone moves its logits on the fixed batch by
+# about half these bounds (bfloat16 ~2.2, float16 ~0.4; benchmarks/RESULTS.md), so a larger gap
+# points at a wrong merge rather than at rounding.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 4.0, "float16": 1.0}
 AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
 # The fixed verification batch: chat turns (rendered with the model's chat template) and plain text.
 VERIFY_PROMPTS = [
@@ -243,6 +244,7 @@ def merge_to_folder(
     model, tokenizer = load_base(base_dir, adapter_dirs[0], first.get("task_type"))
     report: dict[str, Any] = {"base": base_dir, "dtype": dtype}
     report.update(_load_adapters(model, adapter_dirs, weights, combination))
+    model.eval()  # the new LoRA layers start in training mode: their dropout must be off
     batch = verify_batch(tokenizer)
     reference = batch_logits(model, batch)  # the unmerged model in float32
     fold_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
