@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForSequenceClassification
 
 from lorafit.adapters import load_adapter, read_adapter_config, save_adapter
-from lorafit.lora import inject_lora, lora_modules, lora_state_dict
+from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_state_dict
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # PEFT warns about the "lorafit" block it ignores (it assumes a newer PEFT wrote the file).
@@ -312,6 +312,10 @@ def test_adapter_set_switches_and_disables_like_peft(make_llama, input_ids, tmp_
         assert max_diff(model, reference, input_ids) < 1e-5
         assert max_diff(model, make_llama(), input_ids) == 0
     assert max_diff(model, reference, input_ids) < 1e-5  # "a" again after the block
+    save(lora_model(make_llama(hidden_size=32)), tmp_path / "other_base")
+    with pytest.raises(ValueError, match="has shape"):
+        bank.load("c", tmp_path / "other_base")
+    assert max_diff(model, reference, input_ids) < 1e-5 and sorted(bank.adapters) == ["a", "b"]
     with pytest.raises(KeyError, match="No adapter named 'c'"):
         bank.set_active("c")
 
@@ -379,4 +383,7 @@ def test_round_trip_on_builtin_model(smol_dir, smol_tokenizer, tmp_path):
     back = base()
     load_adapter(back, tmp_path / "peft")
     assert max_diff(back, in_peft, ids) < 1e-4  # PEFT -> lorafit
-    assert max_diff(back, base(), ids) > 1e-3
+    with torch.no_grad():
+        with disable_lora(back):
+            plain = back(ids).logits
+        assert (back(ids).logits - plain).abs().max() > 1e-3  # the adapter changes the logits

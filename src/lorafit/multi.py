@@ -91,11 +91,12 @@ class AdapterSet:
                 n: LoRAWeights(m.lora_A, m.lora_B, m.lora_alpha, m.scaling)
                 for n, m in lora_modules(self.model)
             }
-        finally:
+            self.configs[name] = config
+        finally:  # success or not, the model runs the active adapter again
             unwrap_lora(self.model, merge=False)
             self._wrap()
-        self.configs[name] = config
-        self.set_active(self.active or name)
+            if self.adapters:
+                self.set_active(self.active or name)
         return config
 
     def set_active(self, name: str) -> None:
