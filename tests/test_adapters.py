@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForSequenceClassification
 
 from lorafit.adapters import load_adapter, read_adapter_config, save_adapter
-from lorafit.lora import inject_lora, lora_modules, lora_state_dict
+from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_state_dict
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # PEFT warns about the "lorafit" block it ignores (it assumes a newer PEFT wrote the file).
@@ -234,3 +234,156 @@ def test_missing_tensor(make_llama, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="4 LoRA tensors missing"):
         load_adapter(make_llama(), tmp_path)
+
+
+def peft_model_with_random_b(base: nn.Module, config: peft.LoraConfig, seed: int = 2):
+    reference = peft.get_peft_model(base, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    return reference
+
+
+def test_peft_patterns_and_modules_to_save_load_in_lorafit(make_llama, input_ids, tmp_path):
+    def make():
+        return make_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0)
+
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32},
+        task_type="SEQ_CLS",  # PEFT adds the "score" head to modules_to_save
+    )
+    reference = peft_model_with_random_b(make(), config)
+    with torch.no_grad():
+        reference.base_model.model.score.modules_to_save["default"].weight.mul_(3.0)
+    reference.save_pretrained(tmp_path)
+    loaded = make()
+    load_adapter(loaded, tmp_path)
+    ranks = {n: m.r for n, m in lora_modules(loaded)}
+    assert (
+        ranks["model.layers.0.self_attn.v_proj"] == 2 and ranks["model.layers.0.self_attn.q_proj"]
+    )
+    assert dict(lora_modules(loaded))["model.layers.1.self_attn.q_proj"].scaling == 8.0
+    assert max_diff(loaded, reference.eval(), input_ids) < 1e-4
+    assert max_diff(loaded, make(), input_ids) > 1e-3  # the head and the LoRA layers matter
+
+
+def test_rank_mismatch_is_named(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": 8}))
+    with pytest.raises(ValueError, match=r"Only the rank differs \(4 in the weights, 8 from"):
+        load_adapter(make_llama(), tmp_path)
+
+
+# --- several adapters on one base (lorafit.multi) against PEFT's multi-adapter model ---
+
+
+def two_peft_adapters(make_llama, tmp_path, r_b=4):
+    """Two adapters written by PEFT: q,v at r=4 and v,up at ``r_b`` (rsLoRA)."""
+    a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = peft.LoraConfig(r=r_b, lora_alpha=4, target_modules=["v_proj", "up_proj"], use_rslora=True)
+    peft_model_with_random_b(make_llama(), a, seed=3).save_pretrained(tmp_path / "a")
+    peft_model_with_random_b(make_llama(), b, seed=4).save_pretrained(tmp_path / "b")
+    reference = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "a", adapter_name="a")
+    reference.load_adapter(tmp_path / "b", adapter_name="b")
+    return tmp_path / "a", tmp_path / "b", reference.eval()
+
+
+def test_adapter_set_switches_and_disables_like_peft(make_llama, input_ids, tmp_path):
+    from lorafit.multi import AdapterSet
+
+    dir_a, dir_b, reference = two_peft_adapters(make_llama, tmp_path)
+    model = make_llama()
+    bank = AdapterSet(model)
+    bank.load("a", dir_a)
+    bank.load("b", dir_b)
+    assert bank.active == "a" and len(list(lora_modules(model))) == 6  # q, v, up on 2 layers
+    for name in ["a", "b", "a"]:
+        bank.set_active(name)
+        reference.set_adapter(name)
+        assert max_diff(model, reference, input_ids) < 1e-5
+    with bank.disabled(), reference.disable_adapter():
+        assert max_diff(model, reference, input_ids) < 1e-5
+        assert max_diff(model, make_llama(), input_ids) == 0
+    assert max_diff(model, reference, input_ids) < 1e-5  # "a" again after the block
+    save(lora_model(make_llama(hidden_size=32)), tmp_path / "other_base")
+    with pytest.raises(ValueError, match="has shape"):
+        bank.load("c", tmp_path / "other_base")
+    assert max_diff(model, reference, input_ids) < 1e-5 and sorted(bank.adapters) == ["a", "b"]
+    with pytest.raises(KeyError, match="No adapter named 'c'"):
+        bank.set_active("c")
+
+
+@IGNORES_LORAFIT_KEY
+@pytest.mark.parametrize("r_b, combination", [(4, "linear"), (4, "cat"), (2, "cat")])
+def test_weighted_combination_matches_peft(make_llama, input_ids, tmp_path, r_b, combination):
+    from lorafit.multi import AdapterSet
+
+    dir_a, dir_b, reference = two_peft_adapters(make_llama, tmp_path, r_b=r_b)
+    reference.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab", combination_type=combination)
+    reference.set_adapter("ab")
+    model = make_llama()
+    bank = AdapterSet(model)
+    bank.load("a", dir_a)
+    bank.load("b", dir_b)
+    assert bank.add_weighted("ab", ["a", "b"], [0.7, -0.4], combination) == combination
+    bank.set_active("ab")
+    assert max_diff(model, reference, input_ids) < 1e-5
+    bank.set_active("a")
+    assert max_diff(model, reference, input_ids) > 1e-4
+    # The combination saves as a PEFT folder that both libraries load back to the same logits.
+    bank.save("ab", tmp_path / "ab")
+    again = make_llama()
+    load_adapter(again, tmp_path / "ab")
+    assert max_diff(again, reference, input_ids) < 1e-5
+    assert (
+        max_diff(
+            peft.PeftModel.from_pretrained(make_llama(), tmp_path / "ab"), reference, input_ids
+        )
+        < 1e-5
+    )
+
+
+def test_linear_needs_one_rank(make_llama, tmp_path):
+    from lorafit.multi import AdapterSet
+
+    dir_a, dir_b, _ = two_peft_adapters(make_llama, tmp_path, r_b=2)
+    bank = AdapterSet(make_llama())
+    bank.load("a", dir_a)
+    bank.load("b", dir_b)
+    with pytest.raises(ValueError, match=r"found ranks \[2, 4\]; use 'cat'"):
+        bank.add_weighted("ab", ["a", "b"], [0.5, 0.5], "linear")
+    assert bank.add_weighted("ab", ["a", "b"], [0.5, 0.5]) == "cat"  # the default when ranks differ
+
+
+# --- the built-in real model: lorafit <-> PEFT round trips ---
+
+
+@pytest.mark.slow
+@IGNORES_LORAFIT_KEY
+def test_round_trip_on_builtin_model(smol_dir, smol_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+
+    ids = smol_tokenizer(["The capital of France is Paris, and"], return_tensors="pt").input_ids
+    ours = lora_model(base(), r=8, lora_alpha=16)
+    save(ours, tmp_path / "ours", r=8, lora_alpha=16, base_model_name_or_path=smol_dir)
+    in_peft = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    assert max_diff(ours, in_peft, ids) < 1e-4  # lorafit -> PEFT
+    del ours
+    in_peft.save_pretrained(tmp_path / "peft")
+    back = base()
+    load_adapter(back, tmp_path / "peft")
+    assert max_diff(back, in_peft, ids) < 1e-4  # PEFT -> lorafit
+    with torch.no_grad():
+        with disable_lora(back):
+            plain = back(ids).logits
+        assert (back(ids).logits - plain).abs().max() > 1e-3  # the adapter changes the logits

@@ -312,9 +312,24 @@ def _copy_tensors(
         if dst.shape != src.shape:
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {tuple(src.shape)} but this model expects "
-                f"{tuple(dst.shape)}. The adapter was probably made for another base model "
-                f"(other hidden/intermediate sizes) or with another rank (config r={config['r']})."
+                f"{tuple(dst.shape)}. {_mismatch_cause(key, dst.shape, src.shape, config)}"
             )
     with torch.no_grad():
         for _, dst, src in pairs:
             dst.copy_(src)
+
+
+def _mismatch_cause(key: str, expected: torch.Size, found: torch.Size, config: dict) -> str:
+    """Name the likely cause of a shape mismatch: the rank dimension or the base's sizes."""
+    # lora_A is (r, in_features), lora_B is (out_features, r): the other dimension is the base's.
+    rank_dim = {"lora_A": 0, "lora_B": 1}.get(key.rsplit(".", 1)[-1])
+    if rank_dim is not None and len(found) == 2 and expected[1 - rank_dim] == found[1 - rank_dim]:
+        return (
+            f"Only the rank differs ({found[rank_dim]} in the weights, {expected[rank_dim]} from "
+            f"the config's r={config['r']} / rank_pattern): adapter_config.json does not match "
+            "adapter_model.safetensors (another rank was trained); fix r or rank_pattern there."
+        )
+    return (
+        "The adapter was probably made for another base model (other hidden/intermediate "
+        "sizes); load it on the base named by base_model_name_or_path in adapter_config.json."
+    )

@@ -1,18 +1,101 @@
 """The `lorafit` command: `lorafit train [hydra overrides]` and the adapter tools.
 
 `train` hands its arguments to Hydra unchanged, so everything Hydra accepts works
-(`-m`, `--cfg job`, `+experiment=...`, `hydra/launcher=joblib`).
+(`-m`, `--cfg job`, `+experiment=...`, `hydra/launcher=joblib`). `merge` and `generate` take
+ordinary options (`lorafit merge --help`).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 USAGE = """usage: lorafit COMMAND [ARGS]
 
 commands:
   train [overrides]   fine-tune (Hydra overrides; -m for a multirun; --help for config groups)
+  merge SOURCE --out DIR   merge an adapter into its base, write a plain transformers folder
+  generate [SOURCE]   answer prompts with a base, adapter, run or merged folder (--compare)
 """
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit merge",
+        description="Merge LoRA adapter(s) into the base model, write a plain transformers folder "
+        "(safetensors, tokenizer, generation config) and verify it against the unmerged model "
+        "(merge_report.json).",
+    )
+    p.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER_DIR")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--base", help="base model folder or built-in name (default: from the adapter)")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter: combine them")
+    p.add_argument(
+        "--combination", choices=["linear", "cat"], help="default: linear if ranks agree, else cat"
+    )
+    p.add_argument("--atol", type=float, help="max abs logit difference allowed")
+    p.add_argument("--no-verify", action="store_true", help="keep the output even if it differs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit generate",
+        description="Generate answers (chat template applied) from a base model, an adapter or "
+        "run folder, or a merged folder; tokens stream to the terminal.",
+    )
+    p.add_argument("source", nargs="?", help="run/adapter/model folder (default: the base)")
+    p.add_argument("--base", help="base model folder or built-in name (default: smollm2_135m)")
+    p.add_argument("--prompt", action="append", default=[], help="a user turn (repeatable)")
+    p.add_argument("--prompts-file", help='JSONL: {"prompt": ...} or {"messages": [...]} a line')
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="base and tuned answers side by side")
+    return p
+
+
+def merge(argv: list[str]) -> int:
+    from lorafit.merge import merge_to_folder
+
+    a = merge_parser().parse_args(argv)
+    report = merge_to_folder(
+        a.sources,
+        a.out,
+        a.dtype,
+        base=a.base,
+        weights=a.weights,
+        combination=a.combination,
+        verify=not a.no_verify,
+        atol=a.atol,
+        overwrite=a.overwrite,
+    )
+    print(
+        f"merged -> {a.out} ({a.dtype}): max abs logit diff {report['max_abs_diff']:.3g} "
+        f"(tolerance {report['tolerance_abs']:g}), max rel {report['max_rel_diff']:.3g}, top-1 "
+        f"agreement {100 * report['top1_agreement']:.1f}% on {report['positions']} tokens"
+    )
+    return 0
+
+
+def generate(argv: list[str]) -> int:
+    from lorafit import generate as gen
+
+    a = generate_parser().parse_args(argv)
+    gen.run(
+        a.source,
+        gen.read_prompts(a.prompt, a.prompts_file),
+        base=a.base,
+        compare=a.compare,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["lorafit train", *rest]
         train.main()
         return 0
+    if command in ("merge", "generate"):
+        try:
+            return {"merge": merge, "generate": generate}[command](rest)
+        except (ValueError, OSError, KeyError, NotImplementedError) as e:
+            # bad input: one clear paragraph, no traceback
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"\nlorafit {command}: error: {msg}\n", file=sys.stderr)
+            return 1
     print(f"lorafit: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
 

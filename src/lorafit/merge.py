@@ -1,0 +1,309 @@
+"""Merged export: fold LoRA adapters into the base, write a plain transformers folder, verify.
+
+``merge_to_folder`` loads the base in float32, loads the adapter (or a weighted combination of
+several, :mod:`lorafit.multi`), keeps the logits of that unmerged model on a fixed batch of real
+text, merges layer by layer in place (one copy of the model), casts once to the output dtype and
+writes ``config.json``, ``model.safetensors``, the tokenizer and ``generation_config.json`` to a
+temporary folder. It then reloads that folder with plain ``transformers``, compares logits, writes
+``merge_report.json`` before renaming the folder into place: a failed check or write leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from lorafit.adapters import CONFIG_NAME, load_adapter, read_adapter_config
+from lorafit.lora import lora_modules
+
+REPORT_NAME = "merge_report.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Max |logit difference| allowed, merged vs unmerged float32 model. float32 is the issue's bound;
+# for the half types, casting SmolLM2-135M's weights alone moves its logits on the fixed batch by
+# about half these bounds (bfloat16 ~2.2, float16 ~0.4; benchmarks/RESULTS.md), so a larger gap
+# points at a wrong merge rather than at rounding.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 4.0, "float16": 1.0}
+AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
+# The fixed verification batch: chat turns (rendered with the model's chat template) and plain text.
+VERIFY_PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a joke about computers.",
+    "How do I sort a list in Python?",
+]
+VERIFY_TEXT = (
+    "The Eiffel Tower was built for the 1889 World's Fair in Paris. At 330 metres it was the "
+    "tallest man-made structure in the world for forty-one years."
+)
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done or failed its check; the message says what to change."""
+
+
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """A run folder (``path/adapter``) or an adapter folder -> the adapter folder.
+
+    Raises:
+        FileNotFoundError: Neither holds ``adapter_config.json``.
+    """
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{path} is neither a run folder (with adapter/{CONFIG_NAME}) nor an adapter folder "
+        f"(with {CONFIG_NAME}). Give the folder `lorafit train` wrote, or its adapter/ subfolder."
+    )
+
+
+def resolve_base(name_or_path: str | os.PathLike | None, adapter_dir: Path | None = None) -> str:
+    """A base model folder from ``--base``, a built-in name, or the adapter's config.
+
+    Raises:
+        MergeError: No base given and the adapter names none, or the folder is missing.
+    """
+    if name_or_path is None and adapter_dir is not None:
+        name_or_path = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not name_or_path:
+        raise MergeError(
+            f"No base model: {adapter_dir}/{CONFIG_NAME} has no base_model_name_or_path. "
+            "Pass --base DIR_OR_BUILTIN (e.g. --base smollm2_135m)."
+        )
+    builtin = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        from omegaconf import OmegaConf
+
+        from lorafit.models import resolve_model_dir
+
+        return resolve_model_dir(OmegaConf.load(builtin))
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).startswith(("/", ".", "~")) and not (path / "config.json").is_file():
+        where = f" (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME})" if adapter_dir else ""
+        raise MergeError(
+            f"Base model folder {path}{where} has no config.json here. Pass --base with the "
+            "folder or built-in name of the model the adapter was trained on."
+        )
+    return str(name_or_path)
+
+
+def load_base(base_dir: str, tokenizer_dir: Path | None, task_type: str = "CAUSAL_LM"):
+    """Load the base model in float32 (eval mode, frozen) and a tokenizer that can pad.
+
+    The tokenizer comes from ``tokenizer_dir`` (lorafit saves it beside the adapter) when it holds
+    one, else from the base. Returns ``(model, tokenizer)``.
+    """
+    auto = AUTO_CLASSES.get(task_type or "CAUSAL_LM")
+    if auto is None:
+        raise MergeError(
+            f"task_type {task_type!r} is not supported; use one of {list(AUTO_CLASSES)}."
+        )
+    model = auto.from_pretrained(base_dir, dtype=torch.float32).eval().requires_grad_(False)
+    has_tok = tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if has_tok else base_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def verify_batch(tokenizer) -> dict[str, Tensor]:
+    """The fixed batch: chat prompts (with the chat template) and one plain text, padded right."""
+    texts = [VERIFY_TEXT]
+    if tokenizer.chat_template:
+        texts += [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in VERIFY_PROMPTS
+        ]
+    tokenizer.padding_side = "right"
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+@torch.no_grad()
+def batch_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Float32 logits on ``batch``: ``(B, T, V)`` for a causal LM, ``(B, C)`` for a classifier."""
+    return model(**batch).logits.float()
+
+
+def compare_logits(ref: Tensor, got: Tensor, mask: Tensor) -> dict[str, float]:
+    """Differences at the real (non-padding) tokens.
+
+    Args:
+        ref: Reference logits ``(B, T, V)`` (or ``(B, C)``).
+        got: Logits to check, same shape.
+        mask: Attention mask ``(B, T)``; ignored for ``(B, C)`` logits.
+
+    Returns:
+        ``max_abs_diff``, ``mean_abs_diff``, ``max_rel_diff`` (max abs diff / max |ref|),
+        ``top1_agreement`` (fraction of positions with the same argmax) and ``positions``.
+    """
+    if ref.dim() == 3:
+        ref, got = ref[mask.bool()], got[mask.bool()]  # (N, V) at real tokens
+    diff = (ref - got).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "max_rel_diff": (diff.max() / ref.abs().max()).item(),
+        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        "positions": ref.shape[0],
+    }
+
+
+@torch.no_grad()
+def fold_lora(model: nn.Module) -> nn.Module:
+    """Merge every active LoRA layer into its base weight and drop the wrappers, layer by layer.
+
+    Each merge adds ``B A * scaling`` in float32 to one weight in place, so the model exists once;
+    disabled layers (another adapter's, :class:`lorafit.multi.AdapterSet`) are dropped unmerged.
+    """
+    for name, m in list(lora_modules(model)):
+        if not m.disabled and not m.merged:
+            m.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base_layer)
+    return model
+
+
+def _load_adapters(model, adapter_dirs, weights, combination) -> dict[str, Any]:
+    """One adapter as is, or several combined with ``weights``. Returns what the report records."""
+    if len(adapter_dirs) == 1 and weights is None:
+        config = load_adapter(model, adapter_dirs[0])
+        return {"adapters": [str(adapter_dirs[0])], "r": config["r"]}
+    from lorafit.multi import AdapterSet
+
+    if weights is None or len(weights) != len(adapter_dirs):
+        raise MergeError(
+            f"{len(adapter_dirs)} adapters need --weights with {len(adapter_dirs)} numbers "
+            f"(got {None if weights is None else len(weights)})."
+        )
+    bank = AdapterSet(model)
+    names = [f"adapter{i}" for i in range(len(adapter_dirs))]
+    for name, d in zip(names, adapter_dirs, strict=True):
+        bank.load(name, d)
+    used = bank.add_weighted("combined", names, list(weights), combination)
+    bank.set_active("combined")
+    return {
+        "adapters": [str(d) for d in adapter_dirs],
+        "weights": list(weights),
+        "combination": used,
+        "r": bank.configs["combined"]["r"],
+    }
+
+
+def merge_to_folder(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    base: str | None = None,
+    weights: Sequence[float] | None = None,
+    combination: str | None = None,
+    verify: bool = True,
+    atol: float | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Merge adapter(s) into the base and write a verified plain transformers folder at ``out``.
+
+    Args:
+        sources: Run folders or adapter folders (several only with ``weights``).
+        out: Folder to create; must not exist unless ``overwrite``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``: the saved weights' dtype.
+        base: Base model folder or built-in name; default: the adapter's
+            ``base_model_name_or_path``.
+        weights: One weight per source, for a weighted combination.
+        combination: ``linear``/``cat``/None (auto); see
+            :meth:`lorafit.multi.AdapterSet.add_weighted`.
+        verify: Fail when the merged logits differ by more than the tolerance.
+        atol: Max abs logit difference allowed; default :data:`TOLERANCE` for ``dtype``.
+        overwrite: Replace an existing ``out``.
+
+    Returns:
+        The report written to ``out/merge_report.json``.
+
+    Raises:
+        MergeError: Bad arguments, output folder exists, or the check failed (nothing written).
+        FileNotFoundError, ValueError: Unreadable adapter folders (from :mod:`lorafit.adapters`).
+    """
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r} is not one of {list(DTYPES)}.")
+    if out.exists() and not overwrite:
+        raise MergeError(f"Output folder {out} exists; choose another --out or pass --overwrite.")
+    adapter_dirs = [find_adapter_dir(s) for s in sources]
+    first = read_adapter_config(adapter_dirs[0])
+    base_dir = resolve_base(base, adapter_dirs[0])
+    model, tokenizer = load_base(base_dir, adapter_dirs[0], first.get("task_type"))
+    report: dict[str, Any] = {"base": base_dir, "dtype": dtype}
+    report.update(_load_adapters(model, adapter_dirs, weights, combination))
+    model.eval()  # the new LoRA layers start in training mode: their dropout must be off
+    batch = verify_batch(tokenizer)
+    reference = batch_logits(model, batch)  # the unmerged model in float32
+    fold_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
+    tmp = _write_model(model, tokenizer, out)
+    try:
+        del model  # the merged copy goes before the reload: one model in memory at a time
+        merged = type_of(first).from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        report.update(
+            compare_logits(reference, batch_logits(merged, batch), batch["attention_mask"])
+        )
+        report["batch_shape"] = list(batch["input_ids"].shape)
+        report["tolerance_abs"] = TOLERANCE[dtype] if atol is None else atol
+        report["passed"] = report["max_abs_diff"] <= report["tolerance_abs"]
+        report["verified"] = verify
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        if verify and not report["passed"]:
+            raise MergeError(
+                f"Merged model differs from the unmerged one by {report['max_abs_diff']:.3g} "
+                f"(max abs logit difference; tolerance {report['tolerance_abs']:g} for {dtype}), "
+                f"top-1 agreement {100 * report['top1_agreement']:.1f}%. Nothing was written to "
+                f"{out}. Use --dtype float32, raise --atol, or pass --no-verify to keep it anyway."
+            )
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def type_of(config: dict[str, Any]):
+    """The Auto class for an adapter's ``task_type``."""
+    return AUTO_CLASSES.get(config.get("task_type") or "CAUSAL_LM", AutoModelForCausalLM)
+
+
+def _write_model(model: nn.Module, tokenizer, out: Path) -> Path:
+    """save_pretrained into a fresh hidden folder beside ``out``; removed again on any error."""
+    # A model loaded from a GGUF file keeps quantizer marks that make save_pretrained refuse, and
+    # the saved config must not claim a quantization the plain weights no longer have.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

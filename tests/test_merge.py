@@ -1,0 +1,153 @@
+"""`lorafit merge`: verified merged export on tiny Llamas (real tokenizer), and its bad inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lorafit.adapters import load_adapter, save_adapter
+from lorafit.cli import main
+from lorafit.lora import inject_lora, lora_modules
+from lorafit.merge import MergeError, merge_to_folder
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SMOL_VOCAB = 49152
+
+
+@pytest.fixture
+def base_dir(make_llama, smol_tokenizer, tmp_path) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved as a model folder."""
+    path = tmp_path / "base"
+    make_llama(vocab_size=SMOL_VOCAB).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_adapter(model: nn.Module, path: Path, base: Path, r=4, targets=ATTN, seed=1) -> Path:
+    """Inject LoRA with random lora_B (so merging changes the weights) and save it."""
+    inject_lora(model, targets, r=r, lora_alpha=8, lora_dropout=0.1)  # dropout: must be off
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            nn.init.normal_(m.lora_B, std=0.05)
+    kw = dict(r=r, lora_alpha=8, lora_dropout=0.1, use_rslora=False)
+    return save_adapter(model, path, target_modules=targets, base_model_name_or_path=base, **kw)
+
+
+@pytest.fixture
+def adapter_dir(make_llama, base_dir, tmp_path) -> Path:
+    return write_adapter(make_llama(vocab_size=SMOL_VOCAB), tmp_path / "run" / "adapter", base_dir)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_merge_float32_writes_plain_verified_folder(make_llama, adapter_dir, base_dir, tmp_path):
+    out = tmp_path / "merged"
+    report = merge_to_folder([adapter_dir.parent], out)  # a run folder works as well
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "merge_report.json",
+    } <= names
+    assert "tokenizer.json" in names and not leftovers(tmp_path)
+    keys = load_file(out / "model.safetensors").keys()
+    assert not [k for k in keys if "lora" in k or "base_layer" in k]
+    assert report == json.loads((out / "merge_report.json").read_text())
+    assert report["max_abs_diff"] < 1e-4 and report["top1_agreement"] == 1.0 and report["passed"]
+    assert report["positions"] > 60  # the chat prompts and the plain text, padding excluded
+    # Plain transformers loads it completely and matches the unmerged adapter model.
+    merged, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert getattr(merged.config, "quantization_config", None) is None
+    unmerged = make_llama(vocab_size=SMOL_VOCAB)
+    load_adapter(unmerged, adapter_dir)
+    unmerged.eval()  # the LoRA layers come in training mode (dropout on)
+    ids = torch.tensor([[1, 5, 900, 31, 7000]])
+    with torch.no_grad():
+        base_diff = (make_llama(vocab_size=SMOL_VOCAB)(ids).logits - unmerged(ids).logits).abs()
+        diff = (merged.eval()(ids).logits - unmerged(ids).logits).abs().max().item()
+    assert diff < 1e-4 and base_diff.max() > 1e-2  # the adapter matters, and the merge keeps it
+
+
+def test_merge_bfloat16_reports_the_larger_difference(adapter_dir, tmp_path):
+    fp32 = merge_to_folder([adapter_dir], tmp_path / "fp32")
+    bf16 = merge_to_folder([adapter_dir], tmp_path / "bf16", "bfloat16")
+    assert bf16["max_abs_diff"] > 100 * max(fp32["max_abs_diff"], 1e-7)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert next(iter(load_file(tmp_path / "bf16" / "model.safetensors").values())).dtype == (
+        torch.bfloat16
+    )
+
+
+def test_failed_check_leaves_nothing(adapter_dir, tmp_path):
+    with pytest.raises(MergeError, match="differs from the unmerged one") as err:
+        merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-6)
+    assert "Nothing was written" in str(err.value)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    report = merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-6, verify=False)
+    assert not report["passed"] and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_existing_output_needs_overwrite(adapter_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(MergeError, match="exists; choose another --out or pass --overwrite"):
+        merge_to_folder([adapter_dir], out)
+    assert (out / "old.txt").is_file()
+    merge_to_folder([adapter_dir], out, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert not leftovers(tmp_path)
+
+
+def test_write_failing_midway_leaves_no_folder(adapter_dir, tmp_path, monkeypatch):
+    real = PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)  # the weights are on disk when the "disk" fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        merge_to_folder([adapter_dir], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_weighted_merge_equals_combined_adapter(make_llama, base_dir, tmp_path):
+    a = write_adapter(make_llama(vocab_size=SMOL_VOCAB), tmp_path / "a", base_dir, r=4, seed=1)
+    b = write_adapter(
+        make_llama(vocab_size=SMOL_VOCAB), tmp_path / "b", base_dir, r=2, targets=["v_proj"], seed=2
+    )
+    report = merge_to_folder([a, b], tmp_path / "out", weights=[0.7, 0.3])
+    assert report["combination"] == "cat" and report["r"] == 6 and report["passed"]
+    assert report["max_abs_diff"] < 1e-4 and report["weights"] == [0.7, 0.3]
+
+
+def test_cli_merge_and_errors(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["merge", str(adapter_dir), "--out", str(out)]) == 0
+    assert "top-1 agreement 100.0%" in capsys.readouterr().out
+    assert main(["merge", str(adapter_dir), "--out", str(out)]) == 1
+    assert "exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path), "--out", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "lorafit merge: error:" in err and "neither a run folder" in err
+    assert main(["merge", str(adapter_dir), "--out", str(tmp_path / "o3"), "--weights", "1"]) == 0
+    assert main(["merge", str(adapter_dir), str(adapter_dir), "--out", str(tmp_path / "o4")]) == 1
+    assert "2 adapters need --weights with 2 numbers" in capsys.readouterr().err
+
+
+def test_missing_base_folder_is_named(adapter_dir, base_dir, tmp_path):
+    base_dir.rename(tmp_path / "moved")
+    with pytest.raises(MergeError, match="has no config.json here. Pass --base"):
+        merge_to_folder([adapter_dir], tmp_path / "out")
+    report = merge_to_folder([adapter_dir], tmp_path / "out", base=str(tmp_path / "moved"))
+    assert report["base"] == str(tmp_path / "moved")
