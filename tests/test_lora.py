@@ -266,3 +266,15 @@ def test_matches_peft_numerically(make_llama, input_ids, use_rslora):
         ours, theirs = model(input_ids).logits, reference(input_ids).logits
     assert (ours - theirs).abs().max() < 1e-5
     assert (ours - make_llama()(input_ids).logits).abs().max() > 1e-4  # the adapter does something
+
+
+def test_injection_keeps_the_models_eval_mode(make_llama, input_ids):
+    model = make_llama()  # eval mode, as from_pretrained returns it
+    inject_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.5)
+    for _, m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B, std=0.5)
+    assert all(not m.training for _, m in lora_modules(model))
+    with torch.no_grad():  # dropout off: two forwards agree exactly
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+    model.train()
+    assert all(m.training for _, m in lora_modules(model))

@@ -260,7 +260,9 @@ def inject_lora(
         if r_n > min(base.in_features, base.out_features):
             too_big.append(f"{name} ({base.in_features}->{base.out_features})")
         parent, _, child = name.rpartition(".")
-        lora = LoRALinear(base, r_n, alpha_n, lora_dropout, use_rslora)
+        # Follow the wrapped layer's mode: a model loaded for inference (eval) must not get
+        # LoRA dropout switched on by injection.
+        lora = LoRALinear(base, r_n, alpha_n, lora_dropout, use_rslora).train(base.training)
         setattr(model.get_submodule(parent), child, lora)
     if too_big:
         logger.warning(
