@@ -214,6 +214,7 @@ class ChatDataModule(L.LightningDataModule):
                 test_size=self.val_examples or self.val_fraction, seed=self.seed
             )
             train, val = parts["train"], parts["test"]
+        self.rows_read = None if self.streaming else len(train) + len(val)  # before the cap
         if self.max_train_examples:
             n = self.max_train_examples
             train = train.take(n) if self.streaming else train.select(range(min(n, len(train))))
@@ -346,7 +347,7 @@ class ChatDataModule(L.LightningDataModule):
             "fingerprint_train": train_key,
             "fingerprint_val": val_key,
             "tokenized_from_cache": train_hit and val_hit,
-            "examples_read": len(train_rows) + len(val_rows) + sum(skipped.values()),
+            "examples_read": self.rows_read + sum(skipped.values()),
             "train_examples": len(self.train_set),
             "val_examples": len(self.val_set),
             "train_tokens": sum(self.train_lengths),

@@ -201,7 +201,8 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
         f"data.format=auto cannot tell the format from the columns {sorted(cols)}. Set "
         f"data.format to one of {list(FORMATS)}, or map your fields, e.g. "
         "data.format=columns 'data.columns={prompt: question, response: answer}' "
-        "(nested paths like instances[0].output work)."
+        "(nested paths work, quoted for Hydra: \"data.columns={prompt: 'instances[0].input', "
+        "response: 'instances[0].output'}\")."
     )
 
 
