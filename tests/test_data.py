@@ -11,7 +11,6 @@ from lorafit.data import (
     collate,
     encode_chat,
     load_chatterbot,
-    load_jsonl_messages,
 )
 
 CHAT = [
@@ -61,35 +60,43 @@ def test_chatterbot_unknown_language_lists_choices():
         load_chatterbot("klingon")
 
 
-def test_jsonl_errors_name_file_and_line(tmp_path):
+def jsonl_module(tok, tmp_path, rows_text: str, **kwargs) -> ChatDataModule:
     p = tmp_path / "chats.jsonl"
+    p.write_text(rows_text)
+    kw = dict(source="jsonl", path=str(p), cache_dir=str(tmp_path / "cache"), num_samples=0)
+    return ChatDataModule(tok, **{**kw, **kwargs})
+
+
+def test_jsonl_errors_name_the_file(smol_tokenizer, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    p.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"chats.jsonl:2: not valid JSON"):
-        load_jsonl_messages(p)
-    p.write_text(json.dumps(good) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"chats.jsonl:2: .*'messages'"):
-        load_jsonl_messages(p)
-    with pytest.raises(DataError, match="data.path"):
-        load_jsonl_messages(tmp_path / "missing.jsonl")
+    dm = jsonl_module(smol_tokenizer, tmp_path, json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"chats.jsonl.*could not be read"):
+        dm.setup()
+    dm = ChatDataModule(smol_tokenizer, source="jsonl", path=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match=r"data.path='.*missing.jsonl' could not be read"):
+        dm.setup()
+    with pytest.raises(DataError, match="data.path is not set"):
+        ChatDataModule(smol_tokenizer, source="jsonl").setup()
 
 
-def test_jsonl_skips_conversations_without_answer(tmp_path):
-    p = tmp_path / "chats.jsonl"
-    rows = [
-        {
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"},
-            ]
-        },
-        {"messages": [{"role": "user", "content": "unanswered"}]},
-    ]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    convs, skipped = load_jsonl_messages(p)
-    assert len(convs) == 1 and convs[0][0]["role"] == "system"
-    assert skipped["no_assistant_turn"] == 1
+def test_jsonl_skips_conversations_without_answer(smol_tokenizer, tmp_path):
+    answered = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+        ]
+    }
+    rows = [answered] * 3 + [{"messages": [{"role": "user", "content": "unanswered"}]}]
+    rows += [{"text": "a row of another shape"}]  # no `messages`: skipped, counted
+    text = "\n".join(json.dumps(r) for r in rows) + "\n\n"
+    dm = jsonl_module(smol_tokenizer, tmp_path, text, format="messages", val_examples=1)
+    dm.setup()
+    assert dm.stats["examples_read"] == 5
+    assert dm.stats["skipped_no_assistant_turn"] == 1
+    assert dm.stats["skipped_missing_messages"] == 1
+    assert dm.stats["train_examples"] + dm.stats["val_examples"] == 3
+    assert "be brief" in smol_tokenizer.decode(dm.train_set[0]["input_ids"])
 
 
 def test_collate_pads_right_to_longest():
@@ -113,7 +120,7 @@ def test_split_is_deterministic_and_disjoint(smol_tokenizer):
     assert ids(a.val_set) == ids(b.val_set)
     assert ids(a.val_set) != ids(c.val_set)
     assert len(a.train_set) + len(a.val_set) == len(c.train_set) + len(c.val_set)
-    assert len(a.val_set) == pytest.approx(0.05 * a.stats["conversations_read"], abs=3)
+    assert len(a.val_set) == pytest.approx(0.05 * a.stats["examples_read"], abs=3)
     assert a.stats["train_examples"] == len(a.train_set)
     assert len(a.sample_prompts) == 2
     batch = next(iter(a.train_dataloader()))

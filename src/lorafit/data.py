@@ -1,243 +1,109 @@
-"""Chat data: read conversations, render them with the chat template, mask, split, batch.
+"""Causal-LM data module: a data set -> messages or text -> tokenized, masked train/val batches.
 
-A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages. Each one
-becomes one training example: the whole conversation rendered by the tokenizer's chat template, with
-labels on the assistant turns only (prompt tokens get -100, the ignore index of `F.cross_entropy`).
-Assistant spans are found from character offsets of the rendered text, not by searching for marker
-token ids, so any template that renders prefixes consistently works.
+Reading and row formats are `lorafit.formats`; rendering, masking and chunking `lorafit.encoding`.
+Tokenization is a `datasets.map` cached under the datasets cache (`lorafit_tokenized/KEY.arrow`) by
+a key made of the data set's fingerprint, the tokenizer and the encoding options, so running the
+same data again reads the tokenized arrow file instead of tokenizing. The built-in chatterbot corpus
+goes the same way, as an in-memory `datasets.Dataset` of message lists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import random
+import time
 from collections import Counter
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
-import torch
-import yaml
-from torch.utils.data import DataLoader, Sampler
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
 
-from lorafit.models import package_file
+from lorafit.encoding import (
+    ENCODING_VERSION,
+    FEATURES,
+    IGNORE_INDEX,
+    LengthGroupedSampler,
+    assistant_spans,
+    chunk_tokens,
+    collate,
+    encode_chat,
+    encode_chat_row,
+    encode_text_batch,
+    render,
+    resolve_template,
+    tokenizer_fingerprint,
+)
+from lorafit.formats import (
+    FORMATS,
+    DataError,
+    Message,
+    Skip,
+    detect_format,
+    load_chatterbot,
+    load_splits,
+    make_converter,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ChatDataModule",
+    "DataError",
+    "assistant_spans",
+    "chunk_tokens",
+    "collate",
+    "encode_chat",
+    "load_chatterbot",
+    "render",
+]
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-Message = dict[str, str]
 
-# ChatML, used only when a tokenizer ships no chat template of its own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the file (and line) or config key to fix."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sources: each returns (conversations, Counter of skipped-by-reason)
-
-
-def _pair_up(turns: list[str]) -> list[Message]:
-    """Alternate user/assistant over a list of strings; a trailing unanswered user turn is dropped."""
-    turns = turns[: len(turns) - len(turns) % 2]
-    roles = ("user", "assistant")
-    return [{"role": roles[i % 2], "content": str(t)} for i, t in enumerate(turns)]
-
-
-def load_chatterbot(language: str = "english") -> tuple[list[list[Message]], Counter]:
-    """Read every conversation of one language from the `chatterbot-corpus` package's YAML files.
-
-    Each YAML conversation is a list of alternating user/assistant strings (multi-turn kept); an entry
-    that is a single string or has no answer turn is skipped and counted as `no_assistant_turn`.
-
-    Raises:
-        DataError: the language folder does not exist in the package.
-    """
-    anchor = package_file("chatterbot-corpus", "chatterbot_corpus/__init__.py").parent
-    folder = anchor / "data" / language
-    files = sorted(folder.glob("*.yml"))
-    if not files:
-        langs = sorted(p.name for p in (anchor / "data").iterdir() if p.is_dir())
-        raise DataError(f"data.language='{language}' has no YAML files; available: {langs}")
-    convs, skipped = [], Counter()
-    for f in files:
-        for entry in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
-            msgs = _pair_up(entry) if isinstance(entry, list) else []
-            if msgs:
-                convs.append(msgs)
-            else:
-                skipped["no_assistant_turn"] += 1
-    return convs, skipped
-
-
-def load_jsonl_messages(path: str | Path) -> tuple[list[list[Message]], Counter]:
-    """Read a JSONL file of `{"messages": [{"role": ..., "content": ...}, ...]}` lines.
-
-    Blank lines are ignored; a conversation without an assistant turn is skipped and counted.
-
-    Raises:
-        DataError: the file is missing (names `data.path`), or a line is not JSON / lacks a
-            `messages` list of role/content objects (names file and line number).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"data.path='{path}' does not exist. Point it at a JSONL file with one "
-            '{"messages": [{"role": "user", "content": ...}, ...]} object per line.'
-        )
-    convs, skipped = [], Counter()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            ok = isinstance(msgs, list) and all(
-                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs
-            )
-            if not ok:
-                raise DataError(
-                    f"{path}:{lineno}: expected an object with a 'messages' list of "
-                    "{'role', 'content'} objects."
-                )
-            msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
-            if any(m["role"] == "assistant" for m in msgs):
-                convs.append(msgs)
-            else:
-                skipped["no_assistant_turn"] += 1
-    return convs, skipped
-
-
-# ---------------------------------------------------------------------------------------------------
-# Rendering and masking
-
-
-def render(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """Render messages with the tokenizer's chat template (ChatML when it has none)."""
-    return tokenizer.apply_chat_template(
-        messages,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        chat_template=None if tokenizer.chat_template else CHATML_TEMPLATE,
-    )
-
-
-def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation and return it with the character spans of every assistant turn.
-
-    A span starts after the generation prompt (`<|im_start|>assistant\\n` in ChatML) and ends after
-    the turn's end-of-turn marker, trailing whitespace excluded, so the model learns to stop.
-
-    Raises:
-        DataError: the template does not render prefixes consistently (cannot locate turns).
-    """
-    text = render(tokenizer, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = render(tokenizer, messages[: i + 1])
-        if not text.startswith(upto):
-            raise DataError(
-                "The chat template renders a conversation prefix differently from the whole "
-                "conversation, so assistant turns cannot be located; set a template that does "
-                "(for example ChatML)."
-            )
-        spans.append((start, len(upto.rstrip())))
-    return text, spans
-
-
-def encode_chat(
-    tokenizer, messages: list[Message], max_length: int, train_on_prompt: bool = False
-) -> dict[str, Any]:
-    """Tokenize one conversation into `input_ids` and `labels` (both length T <= max_length).
-
-    Returns:
-        dict with `input_ids: list[int]`, `labels: list[int]` (-100 on non-trained tokens) and
-        `truncated: bool`.
-    """
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if train_on_prompt:
-        labels = list(ids)
-    else:
-        labels = [
-            tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
-            for tok, (a, _) in zip(ids, offsets, strict=True)
-        ]
-    return {
-        "input_ids": ids[:max_length],
-        "labels": labels[:max_length],
-        "truncated": len(ids) > max_length,
-    }
-
-
-def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples to the longest one. Returns (B, T) long tensors."""
-    width = max(len(ex["input_ids"]) for ex in batch)
-    out = {
-        "input_ids": torch.full((len(batch), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-        "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
-    }
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        out["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        out["labels"][i, :n] = torch.tensor(ex["labels"])
-    return out
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled order in which neighbours have similar lengths, so batches carry little padding.
-
-    Indices are shuffled (seed + epoch), cut into chunks of `group` indices, and each chunk is sorted
-    by length; the idea of transformers' `group_by_length`. Lightning wraps it for DDP.
-    """
-
-    def __init__(self, lengths: list[int], group: int, seed: int):
-        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        idx = list(range(len(self.lengths)))
-        random.Random(self.seed + self.epoch).shuffle(idx)
-        for i in range(0, len(idx), self.group):
-            yield from sorted(idx[i : i + self.group], key=lambda j: -self.lengths[j])
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes them) -> plain dicts/lists; anything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 class ChatDataModule(L.LightningDataModule):
-    """Conversations -> masked, tokenized train/validation batches.
+    """A data set -> masked, tokenized train/validation batches for causal-LM fine-tuning.
 
     Args:
-        tokenizer: a fast Hugging Face tokenizer (character offsets are needed for masking).
-        source: `chatterbot` (built-in corpus) or `jsonl` (a local `messages` JSONL at `path`).
-        path: JSONL file for `source: jsonl`.
+        tokenizer: a fast Hugging Face tokenizer (character offsets are needed for masking). For
+            chat formats its `chat_template` is set to the template used, so the adapter folder's
+            tokenizer files (saved after setup) carry it.
+        source: `chatterbot` (the built-in corpus) or `datasets` (`data.path` read by
+            `datasets.load_dataset`; `jsonl` is accepted as its old name).
+        path: a local file, folder or glob (json, jsonl, csv, tsv, parquet, arrow, txt), a folder
+            from `save_to_disk`, a `datasets` builder name with `data_files`, or a hub id.
         language: chatterbot corpus language folder.
-        max_length: tokens per example; longer ones are truncated and counted.
-        val_fraction: share of conversations held out for validation (deterministic, by `seed`).
+        format: `auto` (detected from the columns and logged), or one of `lorafit.formats.FORMATS`.
+        columns: for `format: columns`, internal field -> nested row path (see `make_converter`).
+        split: the training split; `val_split` the validation one (default: `validation`,
+            `valid` or `val` when present, else `val_fraction` of `split`, held out by `seed`).
+        data_files, revision, subset: passed to `datasets.load_dataset` (`subset` is its `name`).
+        streaming: read lazily (files larger than memory); no tokenization cache, and the
+            validation rows are the first `val_examples` (default 200) of the stream.
+        template: None (the tokenizer's; ChatML when it has none), `chatml`, `alpaca` or Jinja.
+        max_length: tokens per chat example; longer ones are truncated and counted.
+        block_size: tokens per `text` chunk (default `max_length`); `stride` of them overlap.
+        keep_document_boundaries: chunk each document on its own (short tails kept) instead of
+            concatenating documents with eos between them (tails dropped and counted).
+        val_fraction: share of rows held out when no validation split exists; `val_examples`,
+            when set, is a count instead.
         batch_size: training examples per batch; `eval_batch_size` for validation.
         train_on_prompt: put labels on prompt tokens too (default: assistant turns only).
+        train_on_all_assistant_turns: label every assistant turn (False: only the last one).
         max_train_examples: cap the training split (after the split), e.g. for quick runs.
         num_samples: held-out prompts kept for the base-vs-tuned `samples.jsonl`.
+        num_workers: DataLoader workers; `num_proc` processes for tokenizing (`datasets.map`).
+        cache_dir: where tokenized splits are cached (default: the datasets cache).
         seed: split and shuffle seed.
     """
 
@@ -247,97 +113,290 @@ class ChatDataModule(L.LightningDataModule):
         source: str = "chatterbot",
         path: str | None = None,
         language: str = "english",
+        format: str = "auto",
+        columns: dict[str, str] | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        data_files: Any = None,
+        revision: str | None = None,
+        subset: str | None = None,
+        streaming: bool = False,
+        template: str | None = None,
         max_length: int = 256,
+        block_size: int | None = None,
+        stride: int = 0,
+        keep_document_boundaries: bool = False,
         val_fraction: float = 0.05,
+        val_examples: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         train_on_prompt: bool = False,
+        train_on_all_assistant_turns: bool = True,
         max_train_examples: int | None = None,
         num_samples: int = 5,
         num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1.")
+        if format != "auto" and format not in FORMATS:
+            raise DataError(f"data.format='{format}' is unknown; use auto or one of {FORMATS}.")
+        self.block_size = block_size or max_length
+        if not 0 <= stride < self.block_size:
+            raise DataError(f"data.stride={stride} must be >= 0 and below data.block_size.")
         self.tokenizer = tokenizer
-        self.source, self.path, self.language = source, path, language
-        self.max_length, self.val_fraction, self.seed = max_length, val_fraction, seed
-        self.batch_size, self.eval_batch_size, self.num_workers = (
-            batch_size,
-            eval_batch_size,
-            num_workers,
+        self.source, self.path, self.language, self.format = source, path, language, format
+        self.columns, self.data_files = _plain(columns), _plain(data_files)
+        self.split, self.val_split, self.revision, self.subset = split, val_split, revision, subset
+        self.streaming, self.template, self.max_length, self.stride = (
+            streaming,
+            template,
+            max_length,
+            stride,
         )
-        self.train_on_prompt, self.max_train_examples = train_on_prompt, max_train_examples
-        self.num_samples = num_samples
-        self.stats: dict[str, int] = {}
-        self.train_set: list[dict] | None = None
+        self.keep_document_boundaries = keep_document_boundaries
+        self.val_fraction, self.val_examples, self.seed = val_fraction, val_examples, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.train_on_prompt = train_on_prompt
+        self.train_on_all_assistant_turns = train_on_all_assistant_turns
+        self.max_train_examples, self.num_samples = max_train_examples, num_samples
+        self.num_workers, self.num_proc, self.cache_dir = num_workers, num_proc, cache_dir
+        self.stats: dict[str, Any] = {}
+        self.sample_prompts: list[tuple[list[Message], str]] = []
+        self.train_set = None
 
-    def load_conversations(self) -> tuple[list[list[Message]], Counter]:
+    # -- reading and splitting --------------------------------------------------------------------
+
+    def load_raw(self) -> tuple[Any, Counter, str]:
+        """(splits, rows skipped before the dataset was built, data set name for the stats)."""
         if self.source == "chatterbot":
-            return load_chatterbot(self.language)
-        if self.source == "jsonl":
+            convs, skipped = load_chatterbot(self.language)
+            rows = datasets.Dataset.from_list([{"messages": c} for c in convs])
+            return {"train": rows}, skipped, f"chatterbot/{self.language}"
+        if self.source in ("datasets", "jsonl"):
             if not self.path:
-                raise DataError("data.path is not set; give a JSONL file: data.path=/path/x.jsonl")
-            return load_jsonl_messages(self.path)
-        raise DataError(f"data.source='{self.source}' is unknown; use 'chatterbot' or 'jsonl'.")
+                raise DataError(
+                    "data.path is not set; give a file, folder, glob or hub id: "
+                    "lorafit train data=file data.path=/path/to/data.jsonl"
+                )
+            splits = load_splits(
+                self.path, self.data_files, self.revision, self.subset, self.streaming
+            )
+            return splits, Counter(), self.path
+        raise DataError(f"data.source='{self.source}' is unknown; use 'chatterbot' or 'datasets'.")
+
+    def split_rows(self, splits) -> tuple[Any, Any]:
+        """(train rows, validation rows): a validation split if there is one, else a seeded split.
+
+        Raises:
+            DataError: `split`/`val_split` not among the splits, or too few rows to split.
+        """
+        for name in (self.split, self.val_split):
+            if name is not None and name not in splits:
+                raise DataError(f"data split '{name}' not found; the data has {list(splits)}.")
+        train = splits[self.split]
+        val_name = self.val_split or next(
+            (s for s in ("validation", "valid", "val") if s in splits), None
+        )
+        if val_name:
+            val = splits[val_name]
+        elif self.streaming:  # a stream has no length: hold out its first rows
+            n_val = self.val_examples or 200
+            val = datasets.Dataset.from_list(list(train.take(n_val)))
+            train = train.skip(n_val)
+        else:
+            if len(train) < 2:
+                raise DataError(f"Only {len(train)} rows in data split '{self.split}': too few.")
+            parts = train.train_test_split(
+                test_size=self.val_examples or self.val_fraction, seed=self.seed
+            )
+            train, val = parts["train"], parts["test"]
+        self.rows_read = None if self.streaming else len(train) + len(val)  # before the cap
+        if self.max_train_examples:
+            n = self.max_train_examples
+            train = train.take(n) if self.streaming else train.select(range(min(n, len(train))))
+        return train, val
+
+    def detect(self, rows) -> str:
+        """The row format: `data.format`, or the detected one (logged) for `auto`."""
+        if self.format != "auto":
+            return self.format
+        if self.columns:
+            fmt = "columns"
+        else:
+            first = next(iter(rows), {})
+            fmt = detect_format(list(rows.column_names or first), first)
+        log.info("data.format=auto: detected '%s' from columns %s", fmt, rows.column_names)
+        return fmt
+
+    # -- tokenizing -------------------------------------------------------------------------------
+
+    def tokenize(self, rows, convert, is_text: bool, split: str) -> tuple[Any, str | None, bool]:
+        """Map rows to the `FEATURES` columns, cached by data fingerprint + tokenizer + options.
+
+        Returns:
+            (tokenized rows, cache key or None when streaming, whether it came from the cache).
+        """
+        if is_text:
+            fn = partial(
+                encode_text_batch,
+                convert=convert,
+                tokenizer=self.tokenizer,
+                block_size=self.block_size,
+                stride=self.stride,
+                keep_boundaries=self.keep_document_boundaries,
+            )
+        else:
+            fn = partial(
+                encode_chat_row,
+                convert=convert,
+                tokenizer=self.tokenizer,
+                max_length=self.max_length,
+                train_on_prompt=self.train_on_prompt,
+                train_on_all_assistant_turns=self.train_on_all_assistant_turns,
+            )
+        remove = rows.column_names or list(next(iter(rows)))
+        if self.streaming and isinstance(rows, datasets.IterableDataset):
+            out = rows.map(fn, batched=is_text, remove_columns=remove, features=FEATURES)
+            return out.filter(lambda s: s == "", input_columns="skip"), None, False
+        options = [
+            ENCODING_VERSION,
+            tokenizer_fingerprint(self.tokenizer),
+            self.format,
+            self.columns,
+            is_text,
+            self.max_length,
+            self.train_on_prompt,
+            self.train_on_all_assistant_turns,
+            self.block_size,
+            self.stride,
+            self.keep_document_boundaries,
+        ]
+        text = json.dumps([rows._fingerprint, options], sort_keys=True, default=str)
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        folder = Path(self.cache_dir or datasets.config.HF_DATASETS_CACHE) / "lorafit_tokenized"
+        folder.mkdir(parents=True, exist_ok=True)
+        hit = any(folder.glob(f"{key}*.arrow"))
+        t0 = time.perf_counter()
+        out = rows.map(
+            fn,
+            batched=is_text,
+            remove_columns=remove,
+            features=FEATURES,
+            cache_file_name=str(folder / f"{key}.arrow"),
+            new_fingerprint=key,
+            load_from_cache_file=True,
+            num_proc=self.num_proc,
+            desc=f"Tokenizing {split}",
+        )
+        log.info(
+            "Data %s: %d rows %s in %.2f s (key %s, %s)",
+            split,
+            len(out),
+            "read from the tokenization cache" if hit else "tokenized",
+            time.perf_counter() - t0,
+            key,
+            folder,
+        )
+        return out, key, hit
+
+    @staticmethod
+    def keep_usable(tok, counts: Counter):
+        """Count skip reasons, truncations and dropped tail tokens; return the usable rows."""
+        skips = tok["skip"]
+        counts.update(f"skipped_{s}" for s in skips if s and s != "tail")
+        counts["truncated"] += sum(tok["truncated"])
+        counts["dropped_tail_tokens"] += sum(tok["dropped"])
+        keep = [i for i, s in enumerate(skips) if not s]
+        return tok.select(keep) if len(keep) < len(tok) else tok
+
+    # -- Lightning hooks --------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        convs, skipped = self.load_conversations()
-        order = list(range(len(convs)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, round(len(convs) * self.val_fraction))
-        if len(convs) - n_val < 1:
-            raise DataError(f"Only {len(convs)} usable conversations: too few to split.")
-        val_convs = [convs[i] for i in order[:n_val]]
-        train_convs = [convs[i] for i in order[n_val:]][: self.max_train_examples]
-        # Held-out prompts for samples.jsonl: everything before a validation conversation's last
-        # assistant turn, with that turn as the reference answer.
-        self.sample_prompts = []
-        for msgs in val_convs[: self.num_samples]:
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            self.sample_prompts.append((msgs[:last], msgs[last]["content"]))
+        splits, skipped, name = self.load_raw()
+        train_rows, val_rows = self.split_rows(splits)
+        fmt = self.detect(train_rows)
+        convert = make_converter(fmt, self.columns)
+        is_text = fmt == "text" or (fmt == "columns" and "text" in (self.columns or {}))
+        template = None
+        if not is_text:
+            template, self.tokenizer.chat_template = resolve_template(self.tokenizer, self.template)
+        self.format = fmt  # part of the cache key; `auto` resolved
         counts = Counter({f"skipped_{k}": v for k, v in skipped.items()})
-        self.train_set = self._encode(train_convs, counts)
-        self.val_set = self._encode(val_convs, counts)
-        self.stats = {
-            "conversations_read": len(convs) + sum(skipped.values()),
+        train, train_key, train_hit = self.tokenize(train_rows, convert, is_text, "train")
+        val, val_key, val_hit = self.tokenize(val_rows, convert, is_text, "val")
+        self.val_set = self.keep_usable(val, counts).select_columns(["input_ids", "labels"])
+        self.sample_prompts = [] if is_text else self.samples(val_rows, convert)
+        self.stats = {"dataset": name, "format": fmt, "template": template}
+        if self.streaming:
+            self.train_set = train.select_columns(["input_ids", "labels"])
+            self.stats |= {"streaming": True, "val_examples": len(self.val_set)}
+            log.info("Data (streaming; training rows are counted as they are read): %s", self.stats)
+            return
+        train = self.keep_usable(train, counts)
+        self.train_lengths = train["length"]
+        self.train_set = train.select_columns(["input_ids", "labels"])
+        if not is_text:
+            del counts["dropped_tail_tokens"]
+        self.stats |= {
+            "fingerprint_train": train_key,
+            "fingerprint_val": val_key,
+            "tokenized_from_cache": train_hit and val_hit,
+            "examples_read": self.rows_read + sum(skipped.values()),
             "train_examples": len(self.train_set),
             "val_examples": len(self.val_set),
-            "train_tokens": sum(len(ex["input_ids"]) for ex in self.train_set),
-            "train_supervised_tokens": sum(
-                sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in self.train_set
-            ),
+            "train_tokens": sum(self.train_lengths),
+            "train_supervised_tokens": sum(train["n_labels"]),
             **dict(sorted(counts.items())),
         }
+        if is_text:
+            log.info(
+                "Data text: %d documents -> %d chunks of <= %d tokens (stride %d), %d tail tokens "
+                "dropped",
+                len(train_rows) + len(val_rows),
+                len(self.train_set) + len(self.val_set),
+                self.block_size,
+                self.stride,
+                counts["dropped_tail_tokens"],
+            )
         log.info("Data: %s", self.stats)
 
-    def _encode(self, convs: list[list[Message]], counts: Counter) -> list[dict]:
+    def samples(self, rows, convert) -> list[tuple[list[Message], str]]:
+        """Held-out prompts for samples.jsonl: a validation conversation up to its last assistant
+        turn, with that turn as the reference answer."""
         out = []
-        for msgs in convs:
-            ex = encode_chat(self.tokenizer, msgs, self.max_length, self.train_on_prompt)
-            counts["truncated"] += ex["truncated"]  # counted, still used
-            if all(t == IGNORE_INDEX for t in ex["labels"][1:]):
-                counts["skipped_no_labels_after_truncation"] += 1
+        for row in rows:
+            if len(out) >= self.num_samples:
+                break
+            try:
+                msgs = convert(row)
+            except Skip:
                 continue
-            out.append(ex)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            out.append((msgs[:last], msgs[last]["content"]))
         return out
 
-    def _loader(self, data: list[dict], batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, data, batch_size: int, sampler=None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         return DataLoader(
             data,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=lambda b: collate(b, pad),
+            collate_fn=partial(collate, pad_token_id=pad),
             num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        lengths = [len(ex["input_ids"]) for ex in self.train_set]
-        sampler = LengthGroupedSampler(lengths, group=self.batch_size * 16, seed=self.seed)
+        if self.streaming:
+            return self._loader(self.train_set.shuffle(seed=self.seed), self.batch_size)
+        sampler = LengthGroupedSampler(
+            self.train_lengths, group=self.batch_size * 16, seed=self.seed
+        )
         return self._loader(self.train_set, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:

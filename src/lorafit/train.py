@@ -211,7 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "task": cfg.task,
         "model": cfg.model.name,
-        "dataset": cfg.data.get("source", "?"),
+        "dataset": datamodule.stats.get("dataset", cfg.data.get("source", "?")),
         "lora_r": cfg.lora.r,
         "lora_alpha": cfg.lora.lora_alpha,
         "target_modules": OmegaConf.to_container(cfg.lora.target_modules)

@@ -1,0 +1,298 @@
+"""Rows as messages or text -> rendered, tokenized, label-masked examples; padding into batches.
+
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages and
+becomes one example: the whole conversation rendered by the chat template, with labels on the
+assistant turns only (prompt tokens get -100, the ignore index of `F.cross_entropy`). Assistant
+spans are found from character offsets of the rendered text, not by searching for marker token ids,
+so any template that renders prefixes consistently works. Plain text is tokenized, joined with
+end-of-sequence tokens and cut into `block_size` chunks, every token a label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import Sampler
+
+from lorafit.formats import DataError, Message, Skip
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ENCODING_VERSION = 1  # bump when the encoding below changes, so old caches are not reused
+
+# ChatML, the fallback when a tokenizer ships no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Stanford Alpaca's prompt (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT); a system
+# message replaces the preamble; the answer ends with the tokenizer's eos token.
+ALPACA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{{ 'Below is an instruction that describes a "
+    "task. Write a response that appropriately completes the request.\n\n' }}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "alpaca": ALPACA_TEMPLATE}
+
+# Columns of a tokenized split. `skip` is empty for a usable example, else the reason it is not;
+# `dropped` carries tail tokens that chunking left out (on a bookkeeping row with skip "tail").
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "n_labels": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+        "skip": datasets.Value("string"),
+        "dropped": datasets.Value("int32"),
+    }
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# Templates, rendering and masking
+
+
+def resolve_template(tokenizer, template: str | None) -> tuple[str, str]:
+    """The chat template to use, as (name, Jinja source).
+
+    Args:
+        template: None (the tokenizer's own, ChatML when it has none), `chatml`, `alpaca`, or a
+            Jinja template string (anything containing `{{` or `{%`).
+
+    Raises:
+        DataError: a name that is neither a known template nor Jinja.
+    """
+    if template is None:
+        if isinstance(tokenizer.chat_template, str):
+            return "tokenizer", tokenizer.chat_template
+        log.warning("The tokenizer has no chat template; using ChatML (set data.template).")
+        template = "chatml"
+    if template in TEMPLATES:
+        return template, TEMPLATES[template]
+    if "{{" in template or "{%" in template:
+        return "custom", template
+    raise DataError(
+        f"data.template='{template}' is neither a named template {sorted(TEMPLATES)} nor a Jinja "
+        "template (a string with {{ ... }} or {% ... %}); leave it null to use the tokenizer's."
+    )
+
+
+def render(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """Render messages with the tokenizer's chat template (ChatML when it has none)."""
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=None if tokenizer.chat_template else CHATML_TEMPLATE,
+    )
+
+
+def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return it with the character spans of every assistant turn.
+
+    A span starts after the generation prompt (`<|im_start|>assistant\\n` in ChatML) and ends after
+    the turn's end-of-turn marker, trailing whitespace excluded, so the model learns to stop.
+
+    Raises:
+        DataError: the template does not render prefixes consistently (cannot locate turns).
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        upto = render(tokenizer, messages[: i + 1])
+        if not text.startswith(upto):
+            raise DataError(
+                "The chat template renders a conversation prefix differently from the whole "
+                "conversation, so assistant turns cannot be located; set a template that does "
+                "(for example data.template=chatml)."
+            )
+        spans.append((start, len(upto.rstrip())))
+    return text, spans
+
+
+def encode_chat(
+    tokenizer,
+    messages: list[Message],
+    max_length: int,
+    train_on_prompt: bool = False,
+    train_on_all_assistant_turns: bool = True,
+) -> dict[str, Any]:
+    """Tokenize one conversation into `input_ids` and `labels` (both length T <= max_length).
+
+    Args:
+        train_on_prompt: label every token, prompt included.
+        train_on_all_assistant_turns: label every assistant turn; False labels only the last one.
+
+    Returns:
+        dict with `input_ids: list[int]`, `labels: list[int]` (-100 on non-trained tokens) and
+        `truncated: bool`.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    spans = spans if train_on_all_assistant_turns else spans[-1:]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if train_on_prompt:
+        labels = list(ids)
+    else:
+        # A token is labelled when its characters overlap a span: one that straddles the start
+        # (" A" after "assistant:") carries the answer's first characters, so it must be learnt.
+        labels = [
+            tok if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+            for tok, (a, b) in zip(ids, offsets, strict=True)
+        ]
+    return {
+        "input_ids": ids[:max_length],
+        "labels": labels[:max_length],
+        "truncated": len(ids) > max_length,
+    }
+
+
+def chunk_tokens(
+    ids: list[int], block_size: int, stride: int = 0, keep_tail: bool = False
+) -> tuple[list[dict], int]:
+    """Cut one token stream into `block_size` windows that overlap by `stride` tokens.
+
+    The first `stride` labels of every window after the first are -100: those tokens were
+    predicted by the window before and serve as context here. Windows start every
+    `block_size - stride` tokens; the tail after the last full window is dropped (and counted),
+    or kept as a shorter window with `keep_tail`.
+
+    Returns:
+        (windows as `{"input_ids", "labels"}` dicts, number of dropped tail tokens).
+    """
+    step, chunks, start = block_size - stride, [], 0
+
+    def window(a: int, b: int) -> dict:
+        labels = list(ids[a:b])
+        if a > 0:
+            labels[:stride] = [IGNORE_INDEX] * min(stride, len(labels))
+        return {"input_ids": list(ids[a:b]), "labels": labels}
+
+    while start + block_size <= len(ids):
+        chunks.append(window(start, start + block_size))
+        start += step
+    covered = start - step + block_size if chunks else 0
+    if covered >= len(ids):
+        return chunks, 0
+    if keep_tail:
+        return chunks + [window(start, len(ids))], 0
+    return chunks, len(ids) - covered
+
+
+def _row(input_ids=(), labels=(), truncated=False, skip="", dropped=0) -> dict[str, Any]:
+    # Position 0's label is never a target after the causal shift, so it does not count.
+    n_labels = sum(t != IGNORE_INDEX for t in labels[1:])
+    if not skip and n_labels == 0:
+        skip = "no_labels_after_truncation" if truncated else "no_labels"
+    return {
+        "input_ids": list(input_ids),
+        "labels": list(labels),
+        "length": len(input_ids),
+        "n_labels": n_labels,
+        "truncated": truncated,
+        "skip": skip,
+        "dropped": dropped,
+    }
+
+
+def encode_chat_row(row: dict, convert, tokenizer, max_length: int, **masking) -> dict[str, Any]:
+    """`datasets.map` function for chat formats: one row -> one tokenized example (or a skip)."""
+    try:
+        ex = encode_chat(tokenizer, convert(row), max_length, **masking)
+    except Skip as s:
+        return _row(skip=s.args[0])
+    return _row(ex["input_ids"], ex["labels"], ex["truncated"])
+
+
+def encode_text_batch(
+    rows: dict[str, list], convert, tokenizer, block_size: int, stride: int, keep_boundaries: bool
+) -> dict[str, list]:
+    """Batched `datasets.map` function for `text`: documents -> chunks, eos after each document.
+
+    Without `keep_boundaries` the documents of one batch (1,000 rows, as in transformers'
+    run_clm.py `group_texts`) are concatenated before chunking, so a batch's tail is dropped.
+    """
+    out, texts = [], []
+    for i in range(len(next(iter(rows.values())))):
+        try:
+            texts.append(convert({k: v[i] for k, v in rows.items()}))
+        except Skip as s:
+            out.append(_row(skip=s.args[0]))
+    eos = [tokenizer.eos_token_id]
+    docs = (
+        [d + eos for d in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    )
+    streams = docs if keep_boundaries else [[t for d in docs for t in d]]
+    for ids in streams:
+        chunks, dropped = chunk_tokens(ids, block_size, stride, keep_tail=keep_boundaries)
+        out += [_row(c["input_ids"], c["labels"]) for c in chunks]
+        if dropped:
+            out.append(_row(skip="tail", dropped=dropped))
+    return {k: [r[k] for r in out] for k in FEATURES}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (16 hex digits) of everything about a tokenizer that changes its output."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)  # call-time settings, not identity
+    state.pop("padding", None)
+    extra = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.special_tokens_map]
+    text = json.dumps([state, extra], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to the longest one. Returns (B, T) long tensors."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    out = {
+        "input_ids": torch.full((len(batch), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
+        "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = torch.tensor(ex["labels"])
+    return out
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order in which neighbours have similar lengths, so batches carry little padding.
+
+    Indices are shuffled (seed + epoch), cut into chunks of `group` indices, and each chunk is
+    sorted by length; the idea of transformers' `group_by_length`. Lightning wraps it for DDP.
+    """
+
+    def __init__(self, lengths: list[int], group: int, seed: int):
+        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        idx = list(range(len(self.lengths)))
+        random.Random(self.seed + self.epoch).shuffle(idx)
+        for i in range(0, len(idx), self.group):
+            yield from sorted(idx[i : i + self.group], key=lambda j: -self.lengths[j])
