@@ -193,7 +193,16 @@ def to_markdown(rows: list[dict], root: Path) -> str:
     """summary.md: headline (best run, Pareto runs, failures) and one table row per run."""
     key, higher = quality_key(rows)
     ok = [r for r in rows if r["status"] == "ok"]
+    # Overrides every run shares go to the headline; the table shows what varies.
+    split = [r["overrides"].split() for r in rows]
+    common = set.intersection(*map(set, split)) if split else set()
+    rows = [
+        {**r, "overrides": " ".join(o for o in s if o not in common)}
+        for r, s in zip(rows, split, strict=True)
+    ]
     lines = [f"# Sweep report: {root}", ""]
+    if common:
+        lines += [f"Shared overrides: `{' '.join(o for o in split[0] if o in common)}`", ""]
     lines.append(
         f"{len(rows)} runs: {len(ok)} ok, {sum(r['status'] == 'failed' for r in rows)} failed, "
         f"{sum(r['status'] == 'missing' for r in rows)} missing. Quality: `{key}` "
@@ -297,8 +306,14 @@ def write_report(root: str | Path) -> list[dict]:
 class ReportCallback(Callback):
     """Hydra callback: write the sweep report into `hydra.sweep.dir` when a multirun ends."""
 
+    root: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Resolved once, at the start: `${now:...}` in the folder name must not move at the end.
+        self.root = Path(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(config.hydra.sweep.dir)
+        root = self.root or Path(config.hydra.sweep.dir)
         try:
             rows = write_report(root)
         except Exception as e:  # the runs are done and saved; a report problem must not hide that

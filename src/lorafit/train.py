@@ -86,6 +86,7 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
+        "hydra": hydra.__version__,
         "lorafit": __import__("lorafit").__version__,
     }
 
