@@ -128,8 +128,9 @@ def mark_pareto(rows: list[dict]) -> None:
     key, higher = quality_key(rows)
     sign = -1.0 if higher else 1.0  # compare as "lower is better"
     ok = [r for r in rows if r["status"] == "ok" and r[key] is not None and not math.isnan(r[key])]
+    finished = {id(r) for r in ok}
     for r in rows:
-        r["pareto"] = r["best"] = False if r in ok else None
+        r["pareto"] = r["best"] = False if id(r) in finished else None
     for r in ok:
         p, q = r["trainable_params"], sign * r[key]
         r["pareto"] = not any(

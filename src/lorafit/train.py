@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +378,7 @@ def main(cfg: DictConfig) -> float:
                 "status": "failed",
                 "error": f"{type(e).__name__}: {e}",
                 "overrides": list(hc.overrides.task),
+                "traceback": traceback.format_exc(),
                 "seed": cfg.seed,
             },
         )
