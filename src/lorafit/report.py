@@ -247,6 +247,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     key, higher = quality_key(rows)
     ok = [r for r in rows if r["status"] == "ok" and r[key] is not None]
@@ -276,6 +277,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
             label="Pareto front",
         )
     axes[0].set_xscale("log")
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     axes[0].legend(fontsize=8)
     failed = len(rows) - len(ok)
     fig.suptitle(
