@@ -17,10 +17,12 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.adapters import save_adapter
 from lorafit.data import render
-from lorafit.lora import disable_lora, inject_lora
+from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_report
 from lorafit.models import load_model_and_tokenizer
 from lorafit.module import LoRAModule
 
@@ -45,6 +48,8 @@ if not OmegaConf.has_resolver("lorafit.wandb_offline"):
     OmegaConf.register_new_resolver(
         "lorafit.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY")
     )
+if not OmegaConf.has_resolver("lorafit.mul"):  # sweeps: lora_alpha = ${lorafit.mul:2,${lora.r}}
+    OmegaConf.register_new_resolver("lorafit.mul", lambda a, b: None if b is None else a * b)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -82,8 +87,107 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
+        "hydra": hydra.__version__,
         "lorafit": __import__("lorafit").__version__,
     }
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """sha256 of the tokenized training split: every example's input_ids and labels, in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(
+            json.dumps([list(map(int, ex["input_ids"])), list(map(int, ex["labels"]))]).encode()
+        )
+    return h.hexdigest()
+
+
+def set_threads(cfg: DictConfig) -> int:
+    """Torch intra-op threads: `threads`, or an equal share of the cores per parallel joblib job."""
+    n = cfg.get("threads")
+    jobs = HydraConfig.get().launcher.get("n_jobs")  # only the joblib launcher has n_jobs
+    if n is None and jobs:
+        cores = os.cpu_count() or 1
+        jobs = cores + 1 + jobs if jobs < 0 else jobs  # joblib: -1 = all cores, -2 = all but one
+        n = max(1, cores // max(1, min(jobs, cores)))
+    if n:
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS count (Linux >= 4.0), so runs sharing a sweep process are not mixed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere peak_rss_mb falls back to the process-lifetime peak
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since `reset_peak_rss` (VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_logger(cfg: DictConfig):
+    """The configured logger; a W&B one gets the sweep as group and the overrides as run name."""
+    if not str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
+        return instantiate(cfg.logger)
+    hc = HydraConfig.get()
+    kwargs = {"name": cfg.logger.name or hc.job.override_dirname or "defaults"}
+    if cfg.logger.group is None and hc.mode == RunMode.MULTIRUN:
+        kwargs["group"] = "/".join(Path(hc.sweep.dir).parts[-2:])  # e.g. 2026-11-29/18-55-00
+    return instantiate(cfg.logger, **kwargs)
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close the W&B run, so the next run of a sweep in this process starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=int(failed))
+
+
+def save_full_model(model, tokenizer, out: Path) -> int:
+    """Write a fully fine-tuned model as a transformers folder (temp folder, then rename).
+
+    Returns:
+        Bytes of its safetensors weight files.
+    """
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def save_lora(cfg: DictConfig, model, tokenizer, model_dir: str, out: Path) -> int:
+    """Save the run's LoRA adapter (PEFT layout) and tokenizer. Returns the adapter's bytes."""
+    adapter_dir = save_adapter(
+        model,
+        out,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=OmegaConf.to_container(cfg.lora.target_modules)
+        if OmegaConf.is_list(cfg.lora.target_modules)
+        else cfg.lora.target_modules,
+        use_rslora=cfg.lora.use_rslora,
+        exclude_modules=OmegaConf.to_container(cfg.lora.exclude_modules)
+        if OmegaConf.is_list(cfg.lora.exclude_modules)
+        else cfg.lora.exclude_modules,
+        base_model_name_or_path=model_dir,
+        task_type="CAUSAL_LM",
+        extra={"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()},
+    )
+    tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
+    return (adapter_dir / "adapter_model.safetensors").stat().st_size
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -113,7 +217,8 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int) -> list[dic
             return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
         with disable_lora(model):
-            base = answer()
+            # Full fine-tuning (no LoRA layers) leaves no base model to ask.
+            base = answer() if any(True for _ in lora_modules(model)) else None
         rows.append({"prompt": messages, "reference": reference, "base": base, "tuned": answer()})
     return rows
 
@@ -144,7 +249,11 @@ def build(cfg: DictConfig):
     """Config -> (model, tokenizer, model_dir, lora report, datamodule). Raises on bad input."""
     model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, cfg.task)
     lora_kwargs = OmegaConf.to_container(cfg.lora, resolve=True)
-    report = inject_lora(model, **lora_kwargs)
+    if lora_kwargs["target_modules"] is None:  # lora=none: full fine-tuning baseline
+        model.requires_grad_(True)
+        report = lora_report(model)
+    else:
+        report = inject_lora(model, **lora_kwargs)
     log.info("LoRA: %s", report)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")
@@ -154,6 +263,8 @@ def build(cfg: DictConfig):
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tuning described by `cfg` and write the run folder. Returns the metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    reset_peak_rss()
+    threads = set_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer, model_dir, report, datamodule = build(cfg)
 
@@ -162,7 +273,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=make_logger(cfg))
+    if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+        torch.use_deterministic_algorithms(True)  # bit-identical reruns; see README on GPUs
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -170,30 +283,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
 
     eval_before = evaluate()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - t0
     eval_after = evaluate()
 
-    adapter_dir = save_adapter(
-        model,
-        run_dir / "adapter",
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=cfg.lora.lora_dropout,
-        target_modules=OmegaConf.to_container(cfg.lora.target_modules)
-        if OmegaConf.is_list(cfg.lora.target_modules)
-        else cfg.lora.target_modules,
-        use_rslora=cfg.lora.use_rslora,
-        exclude_modules=OmegaConf.to_container(cfg.lora.exclude_modules)
-        if OmegaConf.is_list(cfg.lora.exclude_modules)
-        else cfg.lora.exclude_modules,
-        base_model_name_or_path=model_dir,
-        task_type="CAUSAL_LM",
-        extra={"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()},
-    )
-    tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
-    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    if cfg.lora.target_modules is None:
+        adapter_bytes = save_full_model(model, tokenizer, run_dir / "model")
+    else:
+        adapter_bytes = save_lora(cfg, model, tokenizer, model_dir, run_dir / "adapter")
 
     if cfg.samples.num_prompts > 0:
         rows = generate_samples(
@@ -229,14 +329,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_tokens": module.train_tokens,
         "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
         "train_seconds": train_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available()
+        else None,
         "seed": cfg.seed,
         "git_commit": git_commit(),
         "versions": versions(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "device": str(module.device),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "data": datamodule.stats,
+        "data_fingerprint": data_fingerprint(datamodule.train_set),
+        "status": "ok",
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if isinstance(trainer.logger, WandbLogger):  # the final numbers as the W&B run summary
+        trainer.logger.experiment.summary.update(
+            {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        )
     write_json(run_dir / "metrics.json", metrics)
     log.info(
         "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %d bytes; run folder %s",
@@ -252,14 +363,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point. Returns `eval_loss_after` (the objective sweepers minimise)."""
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        return train(cfg)["eval_loss_after"]
+        value = train(cfg)["eval_loss_after"]
+        finish_wandb(failed=False)
+        return value
     except Exception as e:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        finish_wandb(failed=True)
+        run_dir = Path(hc.runtime.output_dir)
         write_json(
             run_dir / "failed.json",
-            {"status": "failed", "error": f"{type(e).__name__}: {e}", "seed": cfg.seed},
+            {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "overrides": list(hc.overrides.task),
+                "traceback": traceback.format_exc(),
+                "seed": cfg.seed,
+            },
         )
         if multirun:  # one broken run must not end the sweep
             log.error("Run failed (recorded in %s/failed.json): %s", run_dir, e)

@@ -1,0 +1,102 @@
+"""`lorafit reproduce RUN_DIR`: re-run a finished run from its folder and compare the results.
+
+The rerun composes the run's own `.hydra/config.yaml` (not today's `conf/`), with the torch thread
+count the run recorded, into `RUN_DIR/reproduce/`. On CPU (deterministic algorithms on) the same
+code, packages and thread count give bit-identical numbers; see README for what differs on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Results that must match exactly, and the circumstances that explain a mismatch.
+COMPARED = [
+    "eval_loss_before",
+    "eval_loss_after",
+    "eval_accuracy_before",
+    "eval_accuracy_after",
+    "trainable_params",
+    "train_steps",
+    "train_tokens",
+    "data_fingerprint",
+]
+CONTEXT = ["git_commit", "versions", "torch_threads", "device", "deterministic"]
+
+
+def rerun(run_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    """Train again from `run_dir/.hydra/config.yaml` into `out` (replaced if it exists)."""
+    threads = json.loads((run_dir / "metrics.json").read_text()).get("torch_threads")
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafit.train",
+        "--config-path",
+        str((run_dir / ".hydra").resolve()),
+        "--config-name",
+        "config",
+        f"hydra.run.dir={out.resolve()}",
+    ]
+    if threads:
+        cmd.append(f"++threads={threads}")
+    return subprocess.run(cmd, text=True)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def compare(old: dict, new: dict) -> tuple[bool, str]:
+    """(all results identical, a table of results and of differing circumstances)."""
+    lines = [f"{'metric':<22} {'original':>22} {'rerun':>22}  same"]
+    ok = True
+    for k in COMPARED:
+        if k not in old and k not in new:
+            continue
+        a, b = old.get(k), new.get(k)
+        ok &= same(a, b)
+        lines.append(
+            f"{k:<22} {str(a)[:22]:>22} {str(b)[:22]:>22}  {'yes' if same(a, b) else 'NO'}"
+        )
+    diff = [k for k in CONTEXT if old.get(k) != new.get(k)]
+    for k in diff:
+        lines.append(f"differs: {k}: {old.get(k)} -> {new.get(k)}")
+    return ok, "\n".join(lines)
+
+
+def reproduce(run_dir: str | Path, out: str | Path | None = None) -> int:
+    """Re-run `run_dir` and print the comparison. Returns 0 when identical, 1 otherwise.
+
+    Raises:
+        ValueError: `run_dir` is not a finished run folder.
+    """
+    run_dir = Path(run_dir)
+    for need in [".hydra/config.yaml", "metrics.json"]:
+        if not (run_dir / need).is_file():
+            raise ValueError(
+                f"{run_dir / need} not found: give a finished run folder (one with metrics.json "
+                "and .hydra/config.yaml, written by `lorafit train`)."
+            )
+    out = Path(out) if out else run_dir / "reproduce"
+    proc = rerun(run_dir, out)
+    if proc.returncode != 0 or not (out / "metrics.json").is_file():
+        print(f"lorafit: the rerun failed (exit {proc.returncode}); see {out}", file=sys.stderr)
+        return 1
+    old = json.loads((run_dir / "metrics.json").read_text())
+    new = json.loads((out / "metrics.json").read_text())
+    identical, table = compare(old, new)
+    print(table)
+    print(
+        f"\nReproduced: identical results ({out})"
+        if identical
+        else f"\nNOT reproduced: results differ ({out})"
+    )
+    return 0 if identical else 1
