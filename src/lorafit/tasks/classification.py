@@ -275,7 +275,8 @@ class ClassificationDataModule(L.LightningDataModule):
         splits["train"] = tuple(map(list, zip(*train[: self.max_train_examples], strict=True)))
         counts = Counter(skipped)
         encoded = {s: self._encode(*splits[s], index, counts) for s in SPLITS}
-        for s in ("validation", "test"):  # longest first: less padding, mixed labels per batch
+        for s in ("validation", "test"):  # longest first (less padding); shuffled ties mix labels
+            rng.shuffle(encoded[s])
             encoded[s].sort(key=lambda e: -len(e["input_ids"]))
         self.train_set, self.val_set, self.test_set = (encoded[s] for s in SPLITS)
         self.stats = {
