@@ -223,6 +223,6 @@ def test_experiment_and_lora_none_compose():
         full = compose("train", overrides=["experiment=minilm_bbc", "lora=none"])
         assert full.lora.target_modules is None and full.data.source == "bbc_news"
         csv = compose("train", overrides=["experiment=minilm_bbc", "data=csv_classification"])
-        assert csv.data.source == "file" and csv.data.max_length == 128
+        assert csv.data.source == "file" and csv.data.max_length == 256
     with pytest.raises(ValueError, match="causal_lm"):
         get_task("regression")
