@@ -126,8 +126,18 @@ def resolve_model_dir(model_cfg: Any) -> str:
 
 
 def load_tokenizer(model_dir: str, model_cfg: Any):
-    """Load the tokenizer and make sure it can pad (falls back to eos as pad, as most LMs do)."""
-    tok = AutoTokenizer.from_pretrained(model_dir, revision=model_cfg.get("revision"))
+    """Load the tokenizer and make sure it can pad (falls back to eos as pad, as most LMs do).
+
+    Raises:
+        ModelError: the tokenizer files cannot be loaded (message names the model entry).
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, revision=model_cfg.get("revision"))
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"Could not load the tokenizer of '{model_dir}' (model.name_or_path, "
+            f"model={model_cfg.name}): {str(e).splitlines()[0]}"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -164,12 +174,6 @@ def load_model(
 def load_model_and_tokenizer(model_cfg: Any, task: str = "causal_lm", **kwargs):
     """Resolve, then load tokenizer and model. Returns `(model, tokenizer, model_dir)`."""
     model_dir = resolve_model_dir(model_cfg)
-    try:
-        tokenizer = load_tokenizer(model_dir, model_cfg)
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"Could not load the tokenizer of '{model_dir}' (model.name_or_path, "
-            f"model={model_cfg.name}): {str(e).splitlines()[0]}"
-        ) from e
+    tokenizer = load_tokenizer(model_dir, model_cfg)
     model = load_model(model_dir, model_cfg, task, **kwargs)
     return model, tokenizer, model_dir

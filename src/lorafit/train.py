@@ -38,8 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from lorafit.adapters import save_adapter
 from lorafit.data import render
 from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_report
-from lorafit.models import load_model_and_tokenizer
-from lorafit.module import LoRAModule
+from lorafit.models import load_model, load_tokenizer, resolve_model_dir
+from lorafit.tasks import get_task
 
 log = logging.getLogger("lorafit")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -92,13 +92,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def data_fingerprint(examples: list[dict]) -> str:
-    """sha256 of the tokenized training split: every example's input_ids and labels, in order."""
+def data_fingerprint(examples) -> str:
+    """sha256 of the tokenized training split: every example's token ids and labels, in order."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(
-            json.dumps([list(map(int, ex["input_ids"])), list(map(int, ex["labels"]))]).encode()
-        )
+        labels = ex.get("labels", ex.get("label"))  # (T,) ids for causal LM, an index for classes
+        h.update(json.dumps([list(map(int, ex["input_ids"])), labels], default=int).encode())
     return h.hexdigest()
 
 
@@ -167,8 +166,19 @@ def save_full_model(model, tokenizer, out: Path) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def save_lora(cfg: DictConfig, model, tokenizer, model_dir: str, out: Path) -> int:
-    """Save the run's LoRA adapter (PEFT layout) and tokenizer. Returns the adapter's bytes."""
+def save_lora(
+    cfg: DictConfig,
+    model,
+    tokenizer,
+    model_dir: str,
+    out: Path,
+    task_type: str = "CAUSAL_LM",
+    heads: list[str] | None = None,
+) -> int:
+    """Save the run's LoRA adapter (PEFT layout) and tokenizer. Returns the adapter's bytes.
+
+    `heads` are modules trained whole (a new classifier), saved as PEFT's `modules_to_save`.
+    """
     adapter_dir = save_adapter(
         model,
         out,
@@ -183,7 +193,8 @@ def save_lora(cfg: DictConfig, model, tokenizer, model_dir: str, out: Path) -> i
         if OmegaConf.is_list(cfg.lora.exclude_modules)
         else cfg.lora.exclude_modules,
         base_model_name_or_path=model_dir,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=heads or None,
         extra={"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()},
     )
     tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
@@ -223,7 +234,12 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int) -> list[dic
     return rows
 
 
-def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+def plot_loss_curve(
+    history: dict[str, list[tuple[int, float]]],
+    path: Path,
+    title: str,
+    ylabel: str = "loss per supervised token (nats)",
+) -> None:
     """Training loss per step and validation loss points, saved as PNG."""
     import matplotlib
 
@@ -235,7 +251,7 @@ def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, tit
         ax.plot(*zip(*history["train"], strict=True), label="train/loss", lw=1)
     if history["val"]:
         ax.plot(*zip(*history["val"], strict=True), "o-", label="val/loss")
-    ax.set(xlabel="optimizer step", ylabel="loss per supervised token (nats)", title=title)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -246,17 +262,26 @@ def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path, tit
 
 
 def build(cfg: DictConfig):
-    """Config -> (model, tokenizer, model_dir, lora report, datamodule). Raises on bad input."""
-    model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, cfg.task)
-    lora_kwargs = OmegaConf.to_container(cfg.lora, resolve=True)
-    if lora_kwargs["target_modules"] is None:  # lora=none: full fine-tuning baseline
-        model.requires_grad_(True)
-        report = lora_report(model)
-    else:
-        report = inject_lora(model, **lora_kwargs)
-    log.info("LoRA: %s", report)
+    """Config -> (model, tokenizer, model_dir, lora report, datamodule). Raises on bad input.
+
+    The data is read before the model so that the task can size the model from it (a classifier
+    head gets one output per label). `lora.target_modules: null` (`lora=none`) trains every
+    parameter instead of injecting LoRA; a task's new head is trained fully either way.
+    """
+    task = get_task(cfg.task)
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")
+    model = load_model(model_dir, cfg.model, cfg.task, **task.model_kwargs(datamodule))
+    if cfg.lora.get("target_modules") is None:  # full fine-tuning
+        model.requires_grad_(True)
+    else:
+        inject_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    for name in task.head_names(model):
+        model.get_submodule(name).requires_grad_(True)
+    report = lora_report(model)
+    log.info("LoRA: %s", report)
     return model, tokenizer, model_dir, report, datamodule
 
 
@@ -267,8 +292,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     threads = set_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer, model_dir, report, datamodule = build(cfg)
+    task = get_task(cfg.task)
 
-    module = LoRAModule(
+    module = task.module(
         model,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -279,23 +305,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    def evaluate() -> float:
-        return float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+    def evaluate() -> dict[str, float]:
+        """Validation metrics as `{"eval_loss": ..., "eval_accuracy": ..., ...}`."""
+        out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        return {k.replace("val/", "eval_", 1): float(v) for k, v in out.items()}
 
-    eval_before = evaluate()
+    before = evaluate()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - t0
-    eval_after = evaluate()
+    after = evaluate()
+    eval_before, eval_after = before["eval_loss"], after["eval_loss"]
+    task_metrics = task.after_fit(trainer, module, datamodule, run_dir) if task.after_fit else {}
 
     if cfg.lora.target_modules is None:
         adapter_bytes = save_full_model(model, tokenizer, run_dir / "model")
     else:
-        adapter_bytes = save_lora(cfg, model, tokenizer, model_dir, run_dir / "adapter")
+        heads = [n.rsplit(".", 1)[-1] for n in task.head_names(model)]
+        adapter_bytes = save_lora(
+            cfg, model, tokenizer, model_dir, run_dir / "adapter", task.peft_task_type, heads
+        )
 
-    if cfg.samples.num_prompts > 0:
+    if cfg.samples.num_prompts > 0 and hasattr(datamodule, "sample_prompts"):
         rows = generate_samples(
             model, tokenizer, datamodule.sample_prompts, cfg.samples.max_new_tokens
         )
@@ -307,6 +340,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.history,
         run_dir / "loss_curve.png",
         f"{cfg.model.name} r={cfg.lora.r} alpha={cfg.lora.lora_alpha}",
+        task.loss_label,
     )
     metrics = {
         "task": cfg.task,
@@ -325,6 +359,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "eval_loss_reduction": 1 - eval_after / eval_before,
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+        **task_metrics,
         "train_steps": trainer.global_step,
         "train_tokens": module.train_tokens,
         "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
@@ -350,7 +387,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     write_json(run_dir / "metrics.json", metrics)
     log.info(
-        "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %d bytes; run folder %s",
+        "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %s bytes; run folder %s",
         eval_before,
         eval_after,
         100 * metrics["eval_loss_reduction"],
