@@ -149,3 +149,18 @@ def test_bad_input_gives_clear_error_and_no_complete_run_folder(tmp_path, overri
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "metrics.json").exists()
     assert json.loads((run_dir / "failed.json").read_text())["status"] == "failed"
+
+
+def test_build_leaves_the_model_in_train_mode_with_lora_dropout(tmp_path):
+    """Lightning keeps each module's mode; from_pretrained's eval mode would switch dropout off."""
+    from hydra import compose, initialize_config_dir
+
+    from lorafit.lora import lora_modules
+    from lorafit.train import CONF_DIR, build
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["data.max_train_examples=8", "samples.num_prompts=0"])
+    model, *_ = build(cfg)
+    assert all(m.training for m in model.modules())
+    _, layer = next(lora_modules(model))
+    assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.05

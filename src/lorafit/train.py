@@ -3,9 +3,10 @@
     python -m lorafit.train lora.r=16 trainer.max_steps=100
     lorafit train -m lora.r=4,8,16            # a multirun
 
-The run folder (Hydra's output dir) receives `.hydra/`, `metrics.json`, `adapter/`, `loss_curve.png`,
-`samples.jsonl`, Lightning's `metrics.csv` and `checkpoints/`. `metrics.json` is written last, so a
-folder without it is not a finished run; a run that failed writes `failed.json` with the error.
+The run folder (Hydra's output dir) receives `.hydra/`, `metrics.json`, `adapter/`,
+`loss_curve.png`, `samples.jsonl`, Lightning's `csv/metrics.csv` and `checkpoints/`.
+`metrics.json` is written last, so a folder without it is not a finished run; a run that failed
+writes `failed.json` with the error.
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ def build(cfg: DictConfig):
         inject_lora(model, **OmegaConf.to_container(cfg.lora, resolve=True))
     for name in task.head_names(model):
         model.get_submodule(name).requires_grad_(True)
+    # from_pretrained returns eval mode and Lightning keeps each module's mode, so switch to train
+    # mode here: dropout (LoRA's and the base's, as in PEFT/Trainer fine-tuning) is on in training.
+    model.train()
     report = lora_report(model)
     log.info("LoRA: %s", report)
     return model, tokenizer, model_dir, report, datamodule
