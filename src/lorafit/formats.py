@@ -137,7 +137,8 @@ def load_chatterbot(language: str = "english") -> tuple[list[list[Message]], Cou
 
     Each YAML conversation is a list of alternating user/assistant strings (multi-turn kept); an
     entry that is a single string or has no answer turn is skipped and counted as
-    `no_assistant_turn`.
+    `no_assistant_turn`; a dialogue seen before (over half of the English corpus repeats) is
+    skipped and counted as `duplicate`, so validation examples are really held out.
 
     Raises:
         DataError: the language folder does not exist in the package.
@@ -148,14 +149,18 @@ def load_chatterbot(language: str = "english") -> tuple[list[list[Message]], Cou
     if not files:
         langs = sorted(p.name for p in (anchor / "data").iterdir() if p.is_dir())
         raise DataError(f"data.language='{language}' has no YAML files; available: {langs}")
-    convs, skipped = [], Counter()
+    convs, skipped, seen = [], Counter(), set()
     for f in files:
         for entry in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
             msgs = _pair_up(entry) if isinstance(entry, list) else []
-            if msgs:
-                convs.append(msgs)
-            else:
+            key = tuple(m["content"] for m in msgs)
+            if not msgs:
                 skipped["no_assistant_turn"] += 1
+            elif key in seen:  # the corpus repeats whole dialogues across (and within) files;
+                skipped["duplicate"] += 1  # a copy on both sides of the split would leak
+            else:
+                seen.add(key)
+                convs.append(msgs)
     return convs, skipped
 
 
