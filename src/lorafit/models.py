@@ -83,7 +83,12 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf_path}\n")
-        os.replace(tmp, dest)  # atomic: a half-written folder is never seen as the cache
+        try:
+            os.replace(tmp, dest)  # atomic: a half-written folder is never seen as the cache
+        except OSError:
+            if not (dest / "config.json").exists():
+                raise
+            shutil.rmtree(tmp)  # a parallel job (joblib sweep) converted it first: use theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -133,7 +138,11 @@ def load_tokenizer(model_dir: str, model_cfg: Any):
         ModelError: the tokenizer files cannot be loaded (message names the model entry).
     """
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir, revision=model_cfg.get("revision"))
+        tok = AutoTokenizer.from_pretrained(
+            model_dir,
+            revision=model_cfg.get("revision"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
     except (OSError, ValueError) as e:
         raise ModelError(
             f"Could not load the tokenizer of '{model_dir}' (model.name_or_path, "
@@ -170,11 +179,3 @@ def load_model(
         ) from e
     model.requires_grad_(False)
     return model
-
-
-def load_model_and_tokenizer(model_cfg: Any, task: str = "causal_lm", **kwargs):
-    """Resolve, then load tokenizer and model. Returns `(model, tokenizer, model_dir)`."""
-    model_dir = resolve_model_dir(model_cfg)
-    tokenizer = load_tokenizer(model_dir, model_cfg)
-    model = load_model(model_dir, model_cfg, task, **kwargs)
-    return model, tokenizer, model_dir

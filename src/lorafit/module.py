@@ -127,8 +127,13 @@ class LoRAModule(L.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=steps)
+        steps = self.trainer.estimated_stepping_batches
+        if not 1 <= steps < float("inf"):  # a streamed data set has no length
+            raise ValueError(
+                "The learning-rate schedule needs a known number of steps: set trainer.max_steps "
+                "(required with data.streaming=true), or scheduler=null."
+            )
+        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=int(steps))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

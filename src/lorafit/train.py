@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,10 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit.adapters import save_adapter
-from lorafit.data import render
+from lorafit.generate import generate
 from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_report
+from lorafit.merge import _move_into_place as move_into_place
+from lorafit.merge import _write_model as write_model
 from lorafit.models import load_model, load_tokenizer, resolve_model_dir
 from lorafit.tasks import get_task
 
@@ -158,12 +159,7 @@ def save_full_model(model, tokenizer, out: Path) -> int:
     Returns:
         Bytes of its safetensors weight files.
     """
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    move_into_place(write_model(model, tokenizer, out), out)
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
@@ -212,26 +208,14 @@ def config_hash(cfg: DictConfig) -> str:
 def generate_samples(model, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
     """Greedy answers of the base (LoRA disabled) and the tuned model to held-out prompts."""
     model.eval()
+    has_lora = any(True for _ in lora_modules(model))
     rows = []
     for messages, reference in prompts:
-        text = render(tokenizer, messages, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        ids = ids.to(model.device)
-
-        def answer(ids=ids) -> str:
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
         with disable_lora(model):
             # Full fine-tuning (no LoRA layers) leaves no base model to ask.
-            base = answer() if any(True for _ in lora_modules(model)) else None
-        rows.append({"prompt": messages, "reference": reference, "base": base, "tuned": answer()})
+            base = generate(model, tokenizer, messages, max_new_tokens) if has_lora else None
+        tuned = generate(model, tokenizer, messages, max_new_tokens)
+        rows.append({"prompt": messages, "reference": reference, "base": base, "tuned": tuned})
     return rows
 
 
@@ -274,6 +258,12 @@ def build(cfg: DictConfig):
     tokenizer = load_tokenizer(model_dir, cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")
+    for split in ("train_set", "val_set"):
+        if len(getattr(datamodule, split)) == 0:
+            raise ValueError(
+                f"The {split.removesuffix('_set')} split is empty after reading and filtering the "
+                "data (see the log's skip counts); give more data or a larger data.val_fraction."
+            )
     model = load_model(model_dir, cfg.model, cfg.task, **task.model_kwargs(datamodule))
     if cfg.lora.get("target_modules") is None:  # full fine-tuning
         model.requires_grad_(True)
@@ -322,6 +312,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t0
     after = evaluate()
     eval_before, eval_after = before["eval_loss"], after["eval_loss"]
+    if not trainer.is_global_zero:  # DDP: one process writes the run folder
+        return {"eval_loss_after": eval_after}
     task_metrics = task.after_fit(trainer, module, datamodule, run_dir) if task.after_fit else {}
 
     if cfg.lora.target_modules is None:
