@@ -233,7 +233,16 @@ def plot_loss_curve(
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if history["train"]:
-        ax.plot(*zip(*history["train"], strict=True), label="train/loss", lw=1)
+        steps, losses = zip(*history["train"], strict=True)
+        ax.plot(steps, losses, label="train/loss (per batch)", lw=0.8, alpha=0.35)
+        # Length-grouped batches differ a lot in loss (short answers are harder per token), so the
+        # trend is the mean over the last `k` batches.
+        k = max(1, min(25, len(losses) // 5))
+        trend = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, trend, label=f"train/loss (mean of {k})", lw=1.5, color="C0")
     if history["val"]:
         ax.plot(*zip(*history["val"], strict=True), "o-", label="val/loss")
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
