@@ -329,13 +329,15 @@ def unmerge_lora(model: nn.Module) -> None:
 def unwrap_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace each :class:`LoRALinear` by its ``base_layer``, merged first unless ``merge=False``.
 
-    The result is a plain model again, so ``save_pretrained`` writes the original key names.
+    The result is a plain model again, so ``save_pretrained`` writes the original key names. A
+    disabled layer is dropped unmerged, so the result computes what the model computed before.
+    Each merge works on one weight in place: the model never exists twice.
 
     Returns:
         The same ``model``, changed in place.
     """
     for name, m in list(lora_modules(model)):
-        if merge and not m.merged:
+        if merge and not m.merged and not m.disabled:
             m.merge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base_layer)

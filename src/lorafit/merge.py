@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorafit.adapters import CONFIG_NAME, load_adapter, read_adapter_config
-from lorafit.lora import lora_modules
+from lorafit.lora import unwrap_lora
 
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -158,21 +158,6 @@ def compare_logits(ref: Tensor, got: Tensor, mask: Tensor) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def fold_lora(model: nn.Module) -> nn.Module:
-    """Merge every active LoRA layer into its base weight and drop the wrappers, layer by layer.
-
-    Each merge adds ``B A * scaling`` in float32 to one weight in place, so the model exists once;
-    disabled layers (another adapter's, :class:`lorafit.multi.AdapterSet`) are dropped unmerged.
-    """
-    for name, m in list(lora_modules(model)):
-        if not m.disabled and not m.merged:
-            m.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, m.base_layer)
-    return model
-
-
 def _load_adapters(model, adapter_dirs, weights, combination) -> dict[str, Any]:
     """One adapter as is, or several combined with ``weights``. Returns what the report records."""
     if len(adapter_dirs) == 1 and weights is None:
@@ -247,7 +232,7 @@ def merge_to_folder(
     model.eval()  # the new LoRA layers start in training mode: their dropout must be off
     batch = verify_batch(tokenizer)
     reference = batch_logits(model, batch)  # the unmerged model in float32
-    fold_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
+    unwrap_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
     tmp = _write_model(model, tokenizer, out)
     try:
         del model  # the merged copy goes before the reload: one model in memory at a time
