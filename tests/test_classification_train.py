@@ -86,6 +86,21 @@ def test_adapter_with_head_loads_in_peft_with_equal_logits(run_dir):
     assert (a - c).abs().max() > 1e-4  # the LoRA layers really change the output
 
 
+def test_merge_keeps_the_five_label_head(run_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.merge import merge_to_folder
+
+    report = merge_to_folder([run_dir], tmp_path / "merged")
+    assert report["passed"] and report["max_abs_diff"] < 1e-4
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    labels = json.loads((run_dir / "metrics.json").read_text())["labels"]
+    assert [merged.config.id2label[i] for i in range(5)] == labels
+    assert merged.classifier.weight.shape == (5, 384)
+    head = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert torch.equal(merged.classifier.weight, head["base_model.model.classifier.weight"])
+
+
 def test_missing_column_is_a_clear_error(tmp_path):
     data = tmp_path / "news.csv"
     data.write_text("body,topic\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))

@@ -297,6 +297,13 @@ def test_streaming_batches(tok, tmp_path):
     batches = list(dm.train_dataloader())
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2]
     assert int((batches[0]["labels"] != IGNORE_INDEX).sum()) > 0
+    # A streamed validation split: its first val_examples rows; all training rows stay.
+    write_rows(tmp_path / "v.jsonl", rows_for("alpaca")[:5])
+    files = {"train": str(path), "validation": str(tmp_path / "v.jsonl")}
+    dm = module(tok, tmp_path, "json", data_files=files, streaming=True, val_examples=3)
+    dm.setup()
+    assert dm.stats["val_examples"] == 3
+    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == N
 
 
 def test_bad_inputs_name_the_key(tok, tmp_path):

@@ -203,6 +203,8 @@ class ChatDataModule(L.LightningDataModule):
         )
         if val_name:
             val = splits[val_name]
+            if self.streaming:  # evaluation needs a sized set: the split's first rows
+                val = datasets.Dataset.from_list(list(val.take(self.val_examples or 200)))
         elif self.streaming:  # a stream has no length: hold out its first rows
             n_val = self.val_examples or 200
             val = datasets.Dataset.from_list(list(train.take(n_val)))

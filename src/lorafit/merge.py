@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -95,18 +96,49 @@ def resolve_base(name_or_path: str | os.PathLike | None, adapter_dir: Path | Non
     return str(name_or_path)
 
 
-def load_base(base_dir: str, tokenizer_dir: Path | None, task_type: str = "CAUSAL_LM"):
+def head_kwargs(adapter_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that size a classifier head like the adapter's saved one.
+
+    lorafit writes the label names under ``config["lorafit"]["id2label"]``; for other SEQ_CLS
+    adapters (PEFT's own) the label count is read from the saved ``classifier``/``score`` weight
+    ``(num_labels, hidden)``. Empty for other task types.
+    """
+    if config.get("task_type") != "SEQ_CLS":
+        return {}
+    id2label = (config.get("lorafit") or {}).get("id2label")
+    if id2label:
+        id2label = {int(k): v for k, v in id2label.items()}
+        return {
+            "num_labels": len(id2label),
+            "id2label": id2label,
+            "label2id": {v: k for k, v in id2label.items()},
+        }
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return {"num_labels": f.get_slice(key).get_shape()[0]}
+    return {}
+
+
+def load_base(
+    base_dir: str,
+    tokenizer_dir: Path | None,
+    task_type: str = "CAUSAL_LM",
+    **model_kwargs: Any,
+):
     """Load the base model in float32 (eval mode, frozen) and a tokenizer that can pad.
 
     The tokenizer comes from ``tokenizer_dir`` (lorafit saves it beside the adapter) when it holds
-    one, else from the base. Returns ``(model, tokenizer)``.
+    one, else from the base. ``model_kwargs`` go to ``from_pretrained`` (e.g. :func:`head_kwargs`).
+    Returns ``(model, tokenizer)``.
     """
     auto = AUTO_CLASSES.get(task_type or "CAUSAL_LM")
     if auto is None:
         raise MergeError(
             f"task_type {task_type!r} is not supported; use one of {list(AUTO_CLASSES)}."
         )
-    model = auto.from_pretrained(base_dir, dtype=torch.float32).eval().requires_grad_(False)
+    model = auto.from_pretrained(base_dir, dtype=torch.float32, **model_kwargs)
+    model.eval().requires_grad_(False)
     has_tok = tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if has_tok else base_dir)
     if tokenizer.pad_token_id is None:
@@ -226,7 +258,9 @@ def merge_to_folder(
     adapter_dirs = [find_adapter_dir(s) for s in sources]
     first = read_adapter_config(adapter_dirs[0])
     base_dir = resolve_base(base, adapter_dirs[0])
-    model, tokenizer = load_base(base_dir, adapter_dirs[0], first.get("task_type"))
+    model, tokenizer = load_base(
+        base_dir, adapter_dirs[0], first.get("task_type"), **head_kwargs(adapter_dirs[0], first)
+    )
     report: dict[str, Any] = {"base": base_dir, "dtype": dtype}
     report.update(_load_adapters(model, adapter_dirs, weights, combination))
     model.eval()  # the new LoRA layers start in training mode: their dropout must be off

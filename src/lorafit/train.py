@@ -176,6 +176,9 @@ def save_lora(
 
     `heads` are modules trained whole (a new classifier), saved as PEFT's `modules_to_save`.
     """
+    extra = {"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()}
+    if task_type == "SEQ_CLS":  # `lorafit merge` sizes the head from these names
+        extra["id2label"] = {str(i): str(n) for i, n in model.config.id2label.items()}
     adapter_dir = save_adapter(
         model,
         out,
@@ -192,7 +195,7 @@ def save_lora(
         base_model_name_or_path=model_dir,
         task_type=task_type,
         modules_to_save=heads or None,
-        extra={"config_hash": config_hash(cfg), "model": cfg.model.name, "versions": versions()},
+        extra=extra,
     )
     tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
     return (adapter_dir / "adapter_model.safetensors").stat().st_size
