@@ -1,0 +1,67 @@
+"""The causal-LM loss and the learning-rate schedules, on small hand-checkable tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit.data import IGNORE_INDEX
+from lorafit.module import causal_lm_loss, constant_with_warmup, cosine_with_warmup
+
+
+def test_loss_is_shifted_mean_over_labelled_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[1, 5] = IGNORE_INDEX  # padding
+    loss, n = causal_lm_loss(logits, labels)
+    # Position t-1 predicts token t; by hand over the 2 + 4 labelled targets (t >= 1).
+    pairs = [(0, 4), (0, 5), (1, 1), (1, 2), (1, 3), (1, 4)]
+    want = torch.stack([F.cross_entropy(logits[b, t - 1], labels[b, t]) for b, t in pairs]).mean()
+    assert n == 6 and torch.allclose(loss, want, atol=1e-6)
+    loss.backward()
+    assert logits.grad[0, :3].abs().sum() == 0 and logits.grad[0, 3].abs().sum() > 0
+    assert logits.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_loss_of_bf16_logits_is_computed_in_float32():
+    logits = torch.randn(1, 4, 50_000).to(torch.bfloat16)
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, 7]])
+    loss, n = causal_lm_loss(logits, labels)
+    want = F.cross_entropy(logits[0, :3].float(), labels[0, 1:])
+    assert loss.dtype == torch.float32 and n == 3 and torch.allclose(loss, want)
+
+
+def test_no_labelled_token_gives_zero_not_nan():
+    loss, n = causal_lm_loss(torch.randn(2, 3, 5), torch.full((2, 3), IGNORE_INDEX))
+    assert n == 0 and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("steps", [20, 100])
+def test_cosine_warmup_shape(steps):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, steps, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warmup = int(steps * 0.1)
+    assert lrs[0] == pytest.approx(1 / warmup) and lrs[warmup - 1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
+    half = warmup + (steps - warmup) // 2
+    assert lrs[half] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.05)
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_constant_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = constant_with_warmup(opt, 10, warmup_ratio=0.4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 7)
