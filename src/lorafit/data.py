@@ -201,14 +201,11 @@ class ChatDataModule(L.LightningDataModule):
         val_name = self.val_split or next(
             (s for s in ("validation", "valid", "val") if s in splits), None
         )
+        n_val = self.val_examples or 200  # the rows a stream holds out (it has no length)
         if val_name:
             val = splits[val_name]
-            if self.streaming:  # evaluation needs a sized set: the split's first rows
-                val = datasets.Dataset.from_list(list(val.take(self.val_examples or 200)))
-        elif self.streaming:  # a stream has no length: hold out its first rows
-            n_val = self.val_examples or 200
-            val = datasets.Dataset.from_list(list(train.take(n_val)))
-            train = train.skip(n_val)
+        elif self.streaming:  # hold out the stream's first rows
+            val, train = train, train.skip(n_val)
         else:
             if len(train) < 2:
                 raise DataError(f"Only {len(train)} rows in data split '{self.split}': too few.")
@@ -216,6 +213,8 @@ class ChatDataModule(L.LightningDataModule):
                 test_size=self.val_examples or self.val_fraction, seed=self.seed
             )
             train, val = parts["train"], parts["test"]
+        if self.streaming:  # evaluation needs a sized set: the validation stream's first rows
+            val = datasets.Dataset.from_list(list(val.take(n_val)))
         self.rows_read = None if self.streaming else len(train) + len(val)  # before the cap
         if self.max_train_examples:
             n = self.max_train_examples
