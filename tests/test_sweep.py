@@ -53,6 +53,8 @@ def test_optuna_full_finetune_and_launchers_compose():
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.params["optimizer.lr"].startswith("tag(log")
     assert load("+sweep=full_finetune", "lora=none").lora.target_modules is None
+    bbc = load("experiment=minilm_bbc", "+sweep=minilm_bbc", hydra=True)
+    assert bbc.hydra.sweeper.params["data.max_length"] == "256,512" and bbc.optimizer.lr == 2e-3
     assert load("hydra/launcher=slurm", hydra=True).hydra.launcher.gpus_per_node == 1
     assert load("hydra/launcher=joblib", hydra=True).hydra.launcher.n_jobs == -1
 
