@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 
 import peft
 import pytest
@@ -14,8 +15,6 @@ from lorafit.adapters import load_adapter, read_adapter_config, save_adapter
 from lorafit.lora import disable_lora, inject_lora, lora_modules, lora_state_dict
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# PEFT warns about the "lorafit" block it ignores (it assumes a newer PEFT wrote the file).
-IGNORES_LORAFIT_KEY = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")
 
 
 def lora_model(model: nn.Module, targets=ATTN, **kwargs) -> nn.Module:
@@ -58,21 +57,22 @@ def test_save_writes_peft_layout(make_llama, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "lorafit.json",
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == ATTN
-    assert config["lorafit"] == {"seed": 3} and config["rank_pattern"] == {}
+    assert "lorafit" not in config and config["rank_pattern"] == {}
+    assert read_adapter_config(out)["lorafit"] == {"seed": 3}
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     tensors = load_file(out / "adapter_model.safetensors")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert tensors[key].shape == (4, 64) and len(tensors) == 2 * 4 * 2
     # Saving again over the folder replaces the files and leaves no temp files behind.
     save(model, out, extra={"seed": 4})
-    assert json.loads((out / "adapter_config.json").read_text())["lorafit"] == {"seed": 4}
-    assert len(list(out.iterdir())) == 2 and len(list(out.parent.iterdir())) == 1
+    assert read_adapter_config(out)["lorafit"] == {"seed": 4}
+    assert len(list(out.iterdir())) == 3 and len(list(out.parent.iterdir())) == 1
 
 
-@IGNORES_LORAFIT_KEY
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lorafit_adapter_loads_in_peft(make_llama, input_ids, tmp_path, use_rslora):
     model = lora_model(make_llama(), use_rslora=use_rslora)
@@ -82,14 +82,14 @@ def test_lorafit_adapter_loads_in_peft(make_llama, input_ids, tmp_path, use_rslo
     assert max_diff(model, make_llama(), input_ids) > 1e-4
 
 
-def test_peft_ignores_lorafit_block_with_a_warning(make_llama, tmp_path):
+def test_peft_reads_the_config_without_warnings(make_llama, tmp_path):
     save(lora_model(make_llama()), tmp_path, extra={"seed": 3})
-    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['lorafit'\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns on keys it does not know ("upgrade PEFT")
         config = peft.LoraConfig.from_pretrained(tmp_path)
     assert config.r == 4 and set(config.target_modules) == set(ATTN)
 
 
-@IGNORES_LORAFIT_KEY
 def test_all_linear_and_patterns_load_in_peft(make_llama, input_ids, tmp_path):
     model = lora_model(
         make_llama(),
@@ -110,7 +110,6 @@ def test_all_linear_and_patterns_load_in_peft(make_llama, input_ids, tmp_path):
     assert max_diff(model, loaded, input_ids) == 0
 
 
-@IGNORES_LORAFIT_KEY
 def test_save_writes_full_names_when_targets_do_not_fit(make_llama, input_ids, tmp_path, caplog):
     model = lora_model(make_llama(), ATTN, exclude_modules=["o_proj"])
     with caplog.at_level(logging.WARNING, logger="lorafit.adapters"):
@@ -158,7 +157,6 @@ def test_peft_all_linear_adapter_loads_in_lorafit(make_llama, input_ids, tmp_pat
     assert max_diff(model, reference.eval(), input_ids) < 1e-4
 
 
-@IGNORES_LORAFIT_KEY
 def test_modules_to_save_round_trip(make_llama, input_ids, tmp_path):
     def make():
         return make_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0)
@@ -320,7 +318,6 @@ def test_adapter_set_switches_and_disables_like_peft(make_llama, input_ids, tmp_
         bank.set_active("c")
 
 
-@IGNORES_LORAFIT_KEY
 @pytest.mark.parametrize("r_b, combination", [(4, "linear"), (4, "cat"), (2, "cat")])
 def test_weighted_combination_matches_peft(make_llama, input_ids, tmp_path, r_b, combination):
     from lorafit.multi import AdapterSet
@@ -366,7 +363,6 @@ def test_linear_needs_one_rank(make_llama, tmp_path):
 
 
 @pytest.mark.slow
-@IGNORES_LORAFIT_KEY
 def test_round_trip_on_builtin_model(smol_dir, smol_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 

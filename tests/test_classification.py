@@ -160,7 +160,6 @@ def tiny_bert(head_seed: int | None = None) -> BertForSequenceClassification:
     return model
 
 
-@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")
 def test_bert_targets_head_and_peft_seq_cls_equal_logits(tmp_path):
     task = get_task("classification")
     model = tiny_bert()

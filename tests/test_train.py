@@ -47,6 +47,7 @@ def test_run_folder_is_complete(run_dir):
         "metrics.json",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
+        "adapter/lorafit.json",
         "loss_curve.png",
         "samples.jsonl",
         "checkpoints/last.ckpt",

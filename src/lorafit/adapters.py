@@ -1,8 +1,9 @@
 """Save and load LoRA adapters in PEFT's on-disk format.
 
-A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields plus a ``"lorafit"`` block that
-PEFT ignores) and ``adapter_model.safetensors`` whose keys read
-``base_model.model.<module>.lora_A.weight``, so ``peft.PeftModel.from_pretrained`` loads it and
+A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields only, so PEFT reads it without
+warnings), ``lorafit.json`` (lorafit's own metadata: config hash, versions, label names; returned
+under ``"lorafit"`` by :func:`read_adapter_config`) and ``adapter_model.safetensors``, whose keys
+read ``base_model.model.<module>.lora_A.weight``, so ``peft.PeftModel.from_pretrained`` loads it and
 :func:`load_adapter` loads folders that PEFT wrote.
 """
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+EXTRA_NAME = "lorafit.json"  # lorafit metadata, kept out of PEFT's config
 PEFT_PREFIX = "base_model.model."
 # PEFT writes "<module>.lora_A.weight"; some versions keep the adapter name
 # (".lora_A.default.weight").
@@ -89,7 +91,7 @@ def save_adapter(
         base_model_name_or_path: Hub id or folder of the base model, for PEFT's config.
         task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...).
         modules_to_save: Fully trained modules (e.g. a classifier head) saved whole.
-        extra: Free-form metadata stored under ``"lorafit"``.
+        extra: Free-form metadata, written to ``lorafit.json`` beside PEFT's two files.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -140,15 +142,19 @@ def save_adapter(
         "alpha_pattern": {
             re.escape(n): m.lora_alpha for n, m in wrapped.items() if m.lora_alpha != alpha
         },
-        "lorafit": extra or {},
     }
     files = {  # weights first: a reader never sees a new config next to old weights
         WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        EXTRA_NAME: _json_bytes(extra or {}),
+        CONFIG_NAME: _json_bytes(config),
     }
     out_dir = Path(out_dir)
     _write_atomic(out_dir, files)
     return out_dir
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _jsonable(targets: str | Sequence[str] | None) -> str | list[str] | None:
@@ -201,6 +207,8 @@ def _write_atomic(out_dir: Path, files: dict[str, bytes]) -> None:
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``adapter_config.json`` and check that it is a LoRA config lorafit can load.
 
+    lorafit's ``lorafit.json`` (absent in PEFT-made folders) comes back under ``"lorafit"``.
+
     Raises:
         FileNotFoundError: The file is missing.
         ValueError: ``peft_type`` is not ``"LORA"`` or ``target_modules`` is missing.
@@ -210,6 +218,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No {CONFIG_NAME} in {Path(adapter_dir)} (expected {path}).")
     config = json.loads(path.read_text())
+    extra = Path(adapter_dir) / EXTRA_NAME
+    if extra.is_file():
+        config["lorafit"] = json.loads(extra.read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA'."
