@@ -73,6 +73,7 @@ def load_splits(
     revision: str | None = None,
     name: str | None = None,
     streaming: bool = False,
+    key: str = "data.path",
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Load every split of a local file, folder, glob or hub id with `datasets.load_dataset`.
 
@@ -82,7 +83,8 @@ def load_splits(
     to `load_dataset` as it is, which infers the rest.
 
     Raises:
-        DataError: nothing matches `path`, or `datasets` cannot read it (names the path and why).
+        DataError: nothing matches `path`, or `datasets` cannot read it (names `key`, the config
+            key that gave the path, the path and why).
     """
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"revision": revision, "streaming": streaming}
@@ -94,12 +96,12 @@ def load_splits(
     if local.is_file() or glob.has_magic(path):
         matches = [local] if local.is_file() else sorted(Path(p) for p in glob.glob(path))
         if not matches:
-            raise DataError(f"data.path='{path}' matches no file.")
+            raise DataError(f"{key}='{path}' matches no file.")
         suffix = matches[0].suffix.lower()
         if suffix not in BUILDERS:
             raise DataError(
-                f"data.path='{path}': cannot tell how to read '{suffix}' files; use one of "
-                f"{sorted(BUILDERS)}, or set data.path to a datasets builder name (json, csv, "
+                f"{key}='{path}': cannot tell how to read '{suffix}' files; use one of "
+                f"{sorted(BUILDERS)}, or set {key} to a datasets builder name (json, csv, "
                 "parquet, text) with data.data_files pointing at the files."
             )
         builder, extra = BUILDERS[suffix]
@@ -112,7 +114,7 @@ def load_splits(
         splits = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
         raise DataError(
-            f"data.path='{path}' could not be read by datasets.load_dataset: "
+            f"{key}='{path}' could not be read by datasets.load_dataset: "
             f"{type(e).__name__}: {e} Check that the file is well formed (one JSON object per "
             "line for .jsonl, a header row for .csv) or that the hub id and data.revision exist."
         ) from None

@@ -26,13 +26,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lorafit.data import DataError, LengthGroupedSampler
+from lorafit.formats import load_splits
 from lorafit.models import package_file
 from lorafit.module import LoRAModule
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 # --------------------------------------------------------------------------------------------------
 # Sources: each returns (texts, raw labels, Counter of notes: `skipped_<reason>` rows and others)
@@ -67,13 +67,14 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
 
 
 def read_table(path: str | os.PathLike, text_column: str, label_column: str, key: str):
-    """Read a CSV / TSV / JSONL / parquet file with `datasets`; return its text and label columns.
+    """Read a table's text and label columns; rows are loaded by `lorafit.formats.load_splits`.
 
-    Rows with an empty text or no label are skipped and counted (`skipped_empty_text`,
-    `skipped_missing_label`).
+    So a CSV / TSV / JSONL / parquet file, a glob, a `save_to_disk` folder or a hub id all work;
+    of several splits the `train` one is read. Rows with an empty text or no label are skipped and
+    counted (`skipped_empty_text`, `skipped_missing_label`).
 
     Args:
-        path: the file; its extension picks the reader.
+        path: the file (or glob, folder, hub id).
         text_column, label_column: column names (`data.text_column`, `data.label_column`).
         key: the config key that named the file, for error messages (`data.path`, ...).
 
@@ -81,24 +82,11 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, key
         (texts, raw labels (str or int), Counter of skipped rows by `skipped_<reason>`).
 
     Raises:
-        DataError: missing file, unknown extension, or a missing column (lists the present ones).
+        DataError: unreadable or missing input, unknown extension, or a missing column (lists the
+            present ones).
     """
-    import datasets
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{key}='{path}' does not exist; give a CSV, JSONL or parquet file.")
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(
-            f"{key}='{path}': unknown extension '{path.suffix}'; use one of {sorted(FORMATS)}."
-        )
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # the readers raise many types; all mean "cannot parse this file"
-        raise DataError(f"{key}='{path}' could not be read as {fmt}: {e}") from e
+    splits = load_splits(str(path), key=key)
+    ds = splits["train"] if "train" in splits else next(iter(splits.values()))
     for role, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in ds.column_names:
             raise DataError(
