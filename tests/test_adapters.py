@@ -82,6 +82,21 @@ def test_lorafit_adapter_loads_in_peft(make_llama, input_ids, tmp_path, use_rslo
     assert max_diff(model, make_llama(), input_ids) > 1e-4
 
 
+def test_older_layout_with_metadata_inside_the_config_still_loads(make_llama, input_ids, tmp_path):
+    model = lora_model(make_llama())
+    save(model, tmp_path, extra={"seed": 3})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lorafit": {"seed": 2}}))
+    (tmp_path / "lorafit.json").unlink()
+    assert read_adapter_config(tmp_path)["lorafit"] == {"seed": 2}
+    loaded = make_llama()
+    load_adapter(loaded, tmp_path)
+    assert max_diff(model.eval(), loaded.eval(), input_ids) < 1e-6
+    (tmp_path / "lorafit.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"lorafit.json is not valid JSON"):
+        read_adapter_config(tmp_path)
+
+
 def test_peft_reads_the_config_without_warnings(make_llama, tmp_path):
     save(lora_model(make_llama()), tmp_path, extra={"seed": 3})
     with warnings.catch_warnings():

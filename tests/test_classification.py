@@ -110,7 +110,7 @@ def test_read_table_formats_labels_and_skips(tmp_path):
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(parquet)
     assert read_table(parquet, "text", "label", "data.path")[0] == ["a", "b"]
     assert read_table(f"{tmp_path}/x.c*", "text", "label", "data.path")[0] == ["hello", "world"]
-    with pytest.raises(DataError, match=r"data.test_path='.*nope.csv' could not be read"):
+    with pytest.raises(DataError, match=r"data.test_path='.*nope.csv' does not exist"):
         read_table(tmp_path / "nope.csv", "text", "label", "data.test_path")
     with pytest.raises(DataError, match=r"data.val_path='.*x.doc': cannot tell how to read"):
         (tmp_path / "x.doc").write_text("?")

@@ -76,7 +76,7 @@ def test_jsonl_errors_name_the_file(smol_tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"chats.jsonl.*could not be read"):
         dm.setup()
     dm = ChatDataModule(smol_tokenizer, source="jsonl", path=str(tmp_path / "missing.jsonl"))
-    with pytest.raises(DataError, match=r"data.path='.*missing.jsonl' could not be read"):
+    with pytest.raises(DataError, match=r"data.path='.*missing.jsonl' does not exist"):
         dm.setup()
     with pytest.raises(DataError, match="data.path is not set"):
         ChatDataModule(smol_tokenizer, source="jsonl").setup()

@@ -151,3 +151,23 @@ def test_missing_base_folder_is_named(adapter_dir, base_dir, tmp_path):
         merge_to_folder([adapter_dir], tmp_path / "out")
     report = merge_to_folder([adapter_dir], tmp_path / "out", base=str(tmp_path / "moved"))
     assert report["base"] == str(tmp_path / "moved")
+
+
+def test_head_kwargs_from_label_names_or_the_saved_head(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorafit.merge import head_kwargs
+
+    assert head_kwargs(tmp_path, {"task_type": "CAUSAL_LM"}) == {}
+    names = {str(i): f"l{i}" for i in range(12)}  # JSON keys: "10" sorts before "2"
+    kw = head_kwargs(tmp_path, {"task_type": "SEQ_CLS", "lorafit": {"id2label": names}})
+    assert kw["num_labels"] == 12 and kw["id2label"][2] == "l2" and kw["label2id"]["l11"] == 11
+    # A PEFT-made adapter: the count comes from the head's saved weight, not pre_classifier's.
+    save_file(
+        {
+            "base_model.model.pre_classifier.weight": torch.zeros(8, 8),
+            "base_model.model.classifier.weight": torch.zeros(3, 8),
+        },
+        tmp_path / "adapter_model.safetensors",
+    )
+    assert head_kwargs(tmp_path, {"task_type": "SEQ_CLS"}) == {"num_labels": 3}

@@ -211,7 +211,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: The file is missing.
-        ValueError: ``peft_type`` is not ``"LORA"`` or ``target_modules`` is missing.
+        ValueError: ``peft_type`` is not ``"LORA"``, ``target_modules`` is missing, or
+            ``lorafit.json`` is not valid JSON.
         NotImplementedError: The config turns on a PEFT feature lorafit lacks (DoRA, bias, ...).
     """
     path = Path(adapter_dir) / CONFIG_NAME
@@ -220,7 +221,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     config = json.loads(path.read_text())
     extra = Path(adapter_dir) / EXTRA_NAME
     if extra.is_file():
-        config["lorafit"] = json.loads(extra.read_text())
+        try:
+            config["lorafit"] = json.loads(extra.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{extra} is not valid JSON ({e}); delete it or rewrite it.") from None
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA'."

@@ -101,13 +101,22 @@ def load_splits(
         if suffix not in BUILDERS:
             raise DataError(
                 f"{key}='{path}': cannot tell how to read '{suffix}' files; use one of "
-                f"{sorted(BUILDERS)}, or set {key} to a datasets builder name (json, csv, "
-                "parquet, text) with data.data_files pointing at the files."
+                f"{sorted(BUILDERS)}"
+                + (
+                    ", or set data.path to a datasets builder name (json, csv, parquet, text) "
+                    "with data.data_files pointing at the files."
+                    if key == "data.path"
+                    else "."
+                )
             )
         builder, extra = BUILDERS[suffix]
         kwargs.setdefault("data_files", [str(p) for p in matches])
         args: tuple = (builder,)
         kwargs.update(extra)
+    elif not local.exists() and (path.startswith(("/", ".", "~")) or local.suffix in BUILDERS):
+        raise DataError(
+            f"{key}='{path}' does not exist; give an existing file, folder or glob, or a hub id."
+        )
     else:
         args = (str(local) if local.is_dir() else path, name)
     try:
@@ -116,7 +125,7 @@ def load_splits(
         raise DataError(
             f"{key}='{path}' could not be read by datasets.load_dataset: "
             f"{type(e).__name__}: {e} Check that the file is well formed (one JSON object per "
-            "line for .jsonl, a header row for .csv) or that the hub id and data.revision exist."
+            "line for .jsonl, a header row for .csv) or that the hub id (and revision) exist."
         ) from None
     if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
         splits = {"train": splits}

