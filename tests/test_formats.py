@@ -329,10 +329,8 @@ def test_bad_inputs_name_the_key(tok, tmp_path):
 E2E_FORMATS = ["alpaca", "text"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", E2E_FORMATS)
-def test_end_to_end_per_format(tmp_path, fmt):
-    path = write_rows(tmp_path / FILES[fmt], rows_for(fmt) * 3)
+def train_on_file(tmp_path, path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m lorafit.train data=file data.path=PATH` for 3 steps; (process, run folder)."""
     run_dir = tmp_path / "run"
     overrides = [
         f"hydra.run.dir={run_dir}",
@@ -345,6 +343,7 @@ def test_end_to_end_per_format(tmp_path, fmt):
         "trainer.max_steps=3",
         "trainer.limit_val_batches=1",
         "samples.num_prompts=0",
+        *extra,
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "lorafit.train", *overrides],
@@ -353,8 +352,28 @@ def test_end_to_end_per_format(tmp_path, fmt):
         cwd=tmp_path,
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
+    return proc, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", E2E_FORMATS)
+def test_end_to_end_per_format(tmp_path, fmt):
+    path = write_rows(tmp_path / FILES[fmt], rows_for(fmt) * 3)
+    proc, run_dir = train_on_file(tmp_path, path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"detected '{fmt}'" in proc.stderr + proc.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["data"]["format"] == fmt and metrics["train_steps"] == 3
     assert metrics["data"]["train_supervised_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_streaming_trains_and_an_exhausted_stream_is_an_error(tmp_path):
+    path = write_rows(tmp_path / "a.jsonl", rows_for("alpaca") * 3)  # 18 rows
+    proc, run_dir = train_on_file(tmp_path, path, "data.streaming=true", "data.val_examples=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3 and metrics["data"]["streaming"]
+    proc, run_dir = train_on_file(tmp_path / "..", path, "data.streaming=true")  # 200 held out
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no usable training row is left after the first 18 rows" in proc.stderr

@@ -336,6 +336,12 @@ class ChatDataModule(L.LightningDataModule):
         self.stats = {"dataset": name, "format": fmt, "template": template}
         if self.streaming:
             self.train_set = train.select_columns(["input_ids", "labels"])
+            if next(iter(self.train_set.take(1)), None) is None:
+                raise DataError(
+                    "data.streaming: no usable training row is left after the first "
+                    f"{len(val_rows)} rows went to validation; set data.val_examples lower or "
+                    "give a validation split (data.val_split / data.data_files)."
+                )
             self.stats |= {"streaming": True, "val_examples": len(self.val_set)}
             log.info("Data (streaming; training rows are counted as they are read): %s", self.stats)
             return

@@ -271,10 +271,12 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")
     for split in ("train_set", "val_set"):
-        if len(getattr(datamodule, split)) == 0:
+        rows = getattr(datamodule, split)
+        if hasattr(rows, "__len__") and len(rows) == 0:  # a training stream is checked as read
             raise ValueError(
                 f"The {split.removesuffix('_set')} split is empty after reading and filtering the "
-                "data (see the log's skip counts); give more data or a larger data.val_fraction."
+                "data (see the log's skip counts); give more data, or change data.val_fraction / "
+                "data.val_examples so that both splits keep rows."
             )
     model = load_model(model_dir, cfg.model, cfg.task, **task.model_kwargs(datamodule))
     if cfg.lora.get("target_modules") is None:  # full fine-tuning
