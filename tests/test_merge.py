@@ -62,6 +62,8 @@ def test_merge_float32_writes_plain_verified_folder(make_llama, adapter_dir, bas
     assert not [k for k in keys if "lora" in k or "base_layer" in k]
     assert report == json.loads((out / "merge_report.json").read_text())
     assert report["max_abs_diff"] < 1e-4 and report["top1_agreement"] == 1.0 and report["passed"]
+    assert report["tolerance_abs"] == max(1e-4, 1e-5 * report["max_abs_logit"]) > 0
+    assert report["task_type"] == "CAUSAL_LM"
     assert report["positions"] > 60  # the chat prompts and the plain text, padding excluded
     # Plain transformers loads it completely and matches the unmerged adapter model.
     merged, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)

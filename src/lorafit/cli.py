@@ -78,7 +78,8 @@ def merge(argv: list[str]) -> int:
     print(
         f"merged -> {a.out} ({a.dtype}): max abs logit diff {report['max_abs_diff']:.3g} "
         f"(tolerance {report['tolerance_abs']:g}), max rel {report['max_rel_diff']:.3g}, top-1 "
-        f"agreement {100 * report['top1_agreement']:.1f}% on {report['positions']} tokens"
+        f"agreement {100 * report['top1_agreement']:.1f}% on {report['positions']} "
+        + ("inputs" if report["task_type"] == "SEQ_CLS" else "tokens")
     )
     return 0
 
