@@ -73,7 +73,10 @@ def jsonl_module(tok, tmp_path, rows_text: str, **kwargs) -> ChatDataModule:
 def test_jsonl_errors_name_the_file(smol_tokenizer, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     dm = jsonl_module(smol_tokenizer, tmp_path, json.dumps(good) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"chats.jsonl.*could not be read"):
+    with pytest.raises(DataError, match=r"chats.jsonl line 2: not valid JSON .*column 2"):
+        dm.setup()
+    dm = jsonl_module(smol_tokenizer, tmp_path, json.dumps(good) + "\n\n" + '["a list"]\n')
+    with pytest.raises(DataError, match=r"chats.jsonl line 3: a JSON list, not an object"):
         dm.setup()
     dm = ChatDataModule(smol_tokenizer, source="jsonl", path=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match=r"data.path='.*missing.jsonl' does not exist"):

@@ -10,6 +10,7 @@ A converter returns a list of `{"role", "content"}` messages (or a string for `t
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import re
 from collections import Counter
@@ -122,14 +123,43 @@ def load_splits(
     try:
         splits = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        if args[0] == "json" and (where := first_bad_json_line(kwargs["data_files"])):
+            raise DataError(
+                f"{key}='{path}': {where}. Each line of a .jsonl file must be one JSON object."
+            ) from None
         raise DataError(
             f"{key}='{path}' could not be read by datasets.load_dataset: "
-            f"{type(e).__name__}: {e} Check that the file is well formed (one JSON object per "
+            f"{type(e).__name__}: {e}. Check that the file is well formed (one JSON object per "
             "line for .jsonl, a header row for .csv) or that the hub id (and revision) exist."
         ) from None
     if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
         splits = {"train": splits}
     return splits
+
+
+def first_bad_json_line(files: Any) -> str | None:
+    """`"<file> line N: <why>"` for the first line of local JSON Lines files that is not a JSON
+    object, or None (all lines parse, or a file is a single JSON document, or not local)."""
+    if isinstance(files, str | dict):
+        files = files.values() if isinstance(files, dict) else [files]
+    for name in files:
+        for f in [name] if isinstance(name, str) else name:
+            p = Path(f)
+            if not p.is_file():
+                return None
+            with p.open(encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        if n == 1:  # maybe one (pretty-printed) JSON document, not JSON Lines
+                            return None
+                        return f"{p} line {n}: not valid JSON ({e.msg}, column {e.colno})"
+                    if not isinstance(row, dict):
+                        return f"{p} line {n}: a JSON {type(row).__name__}, not an object"
+    return None
 
 
 # -------------------------------------------------------------------------------------------------
