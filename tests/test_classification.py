@@ -130,6 +130,8 @@ def test_label_errors_single_class_and_unseen():
     with pytest.raises(DataError, match=r"validation split has label\(s\) \['zzz'\]"):
         label_set(["a", "b"], {"validation": ["a", "zzz"]}, "f.csv")
     assert label_set([2, 0, 1, 0], {"test": [1]}, "f.csv") == [0, 1, 2]
+    with pytest.raises(DataError, match=r"^data.test_path='t.csv': the test split has"):
+        label_set(["a", "b"], {"test": ["c"]}, "f.csv", {"test": "data.test_path='t.csv'"})
 
 
 def test_datamodule_on_files_with_separate_validation(tmp_path, minilm_tokenizer):

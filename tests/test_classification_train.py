@@ -102,6 +102,13 @@ def test_merge_keeps_the_five_label_head(run_dir, tmp_path):
     assert torch.equal(merged.classifier.weight, head["base_model.model.classifier.weight"])
 
 
+def test_generate_refuses_a_classifier(run_dir):
+    from lorafit.generate import load_for_generation
+
+    with pytest.raises(ValueError, match="SEQ_CLS adapter .* needs a causal-LM run"):
+        load_for_generation(str(run_dir))
+
+
 def test_missing_column_is_a_clear_error(tmp_path):
     data = tmp_path / "news.csv"
     data.write_text("body,topic\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))

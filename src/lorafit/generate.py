@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import TextStreamer
 
-from lorafit.adapters import CONFIG_NAME, load_adapter
+from lorafit.adapters import CONFIG_NAME, load_adapter, read_adapter_config
 from lorafit.data import render
 from lorafit.lora import disable_lora, lora_modules
 from lorafit.merge import find_adapter_dir, load_base, resolve_base
@@ -39,6 +39,10 @@ def load_for_generation(source: str | None, base: str | None = None):
 
     Returns:
         ``(model, tokenizer)``; the model has LoRA layers when an adapter was loaded.
+
+    Raises:
+        FileNotFoundError: ``source`` is none of these folders.
+        ValueError: the adapter is not a causal-LM one (a classifier).
     """
     adapter_dir = None
     if source is not None:
@@ -55,6 +59,12 @@ def load_for_generation(source: str | None, base: str | None = None):
     if adapter_dir is None:
         base_dir = resolve_base(base or DEFAULT_BASE)
         return load_base(base_dir, None)
+    task_type = read_adapter_config(adapter_dir).get("task_type") or "CAUSAL_LM"
+    if task_type != "CAUSAL_LM":
+        raise ValueError(
+            f"{adapter_dir} is a {task_type} adapter (e.g. a classifier); `lorafit generate` needs "
+            "a causal-LM run. Score texts with `lorafit merge` and transformers' pipeline instead."
+        )
     model, tokenizer = load_base(resolve_base(base, adapter_dir), adapter_dir)
     load_adapter(model, adapter_dir)
     return model.eval(), tokenizer

@@ -146,8 +146,12 @@ def stratified_split(labels: list, fractions: dict[str, float], seed: int) -> di
     return {name: sorted(v) for name, v in out.items()}
 
 
-def label_set(train_labels: list, others: dict[str, list], where: str) -> list:
+def label_set(
+    train_labels: list, others: dict[str, list], where: str, files: dict[str, str] | None = None
+) -> list:
     """The sorted label values of the training split, checked against the other splits.
+
+    `where` names the data in errors; `files` names a split's own file (`data.test_path='...'`).
 
     Raises:
         DataError: fewer than two labels in train, or a label in `others` that train lacks.
@@ -163,7 +167,8 @@ def label_set(train_labels: list, others: dict[str, list], where: str) -> list:
         unseen = sorted({y for y in ys if y not in known}, key=str)
         if unseen:
             raise DataError(
-                f"{where}: the {split} split has label(s) {unseen[:5]} that never occur in train "
+                f"{(files or {}).get(split, where)}: the {split} split has label(s) "
+                f"{unseen[:5]} that never occur in train "
                 f"({names}); the model cannot predict them. Remove those rows or add training "
                 "examples with these labels."
             )
@@ -269,7 +274,12 @@ class ClassificationDataModule(L.LightningDataModule):
             return
         splits, skipped, where = self.load_splits()
         others = {s: splits[s][1] for s in ("validation", "test")}
-        values = label_set(splits["train"][1], others, where)
+        files = {
+            s: f"data.{key}_path='{self.paths[s]}'"
+            for s, key in (("validation", "val"), ("test", "test"))
+            if self.paths[s]
+        }
+        values = label_set(splits["train"][1], others, where, files)
         self.label_names = [str(v) for v in values]
         index = {v: i for i, v in enumerate(values)}
         read = sum(len(v[0]) for v in splits.values())
