@@ -272,7 +272,7 @@ def build(cfg: DictConfig):
     datamodule.setup("fit")
     for split in ("train_set", "val_set"):
         rows = getattr(datamodule, split)
-        if hasattr(rows, "__len__") and len(rows) == 0:  # a training stream is checked as read
+        if hasattr(rows, "__len__") and len(rows) == 0:  # a stream: data.py checks its first row
             raise ValueError(
                 f"The {split.removesuffix('_set')} split is empty after reading and filtering the "
                 "data (see the log's skip counts); give more data, or change data.val_fraction / "
