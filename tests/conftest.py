@@ -39,9 +39,10 @@ def smol_dir() -> str:
     """The built-in SmolLM2-135M-Instruct as a local safetensors folder (converted once, cached)."""
     from omegaconf import OmegaConf
 
+    from lorafit.config import CONF_DIR
     from lorafit.models import resolve_model_dir
 
-    return resolve_model_dir(OmegaConf.load("conf/model/smollm2_135m.yaml"))
+    return resolve_model_dir(OmegaConf.load(f"{CONF_DIR}/model/smollm2_135m.yaml"))
 
 
 @pytest.fixture(scope="session")

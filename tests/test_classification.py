@@ -12,19 +12,14 @@ from torchmetrics.functional.classification import multiclass_f1_score
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from lorafit.adapters import load_adapter, save_adapter
-from lorafit.data import DataError
+from lorafit.assets import package_file
+from lorafit.config import CONF_DIR
+from lorafit.data.classification import ClassificationDataModule, label_set
+from lorafit.data.formats import DataError
+from lorafit.data.sampling import stratified_split
+from lorafit.data.sources import load_bbc_news, read_table
 from lorafit.lora import inject_lora, lora_modules
-from lorafit.models import package_file
-from lorafit.tasks import TASKS, get_task
-from lorafit.tasks.classification import (
-    ClassificationDataModule,
-    classification_metrics,
-    label_set,
-    load_bbc_news,
-    read_table,
-    stratified_split,
-)
-from lorafit.train import CONF_DIR
+from lorafit.tasks.classification import ClassificationModule, classification_metrics
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 TINY_BERT = dict(
@@ -169,7 +164,7 @@ def tiny_bert(head_seed: int | None = None) -> BertForSequenceClassification:
 
 
 def test_bert_targets_head_and_peft_seq_cls_equal_logits(tmp_path):
-    task = get_task("classification")
+    task = ClassificationModule
     model = tiny_bert()
     report = inject_lora(model, BERT_TARGETS, r=4, lora_alpha=8)
     names = [n for n, _ in lora_modules(model)]
@@ -208,7 +203,7 @@ def test_bert_targets_head_and_peft_seq_cls_equal_logits(tmp_path):
 
 
 def test_classification_module_metrics_on_a_batch():
-    module = TASKS["classification"].module(tiny_bert(), optimizer=torch.optim.AdamW)
+    module = ClassificationModule(tiny_bert(), optimizer=torch.optim.AdamW)
     assert module.label_names == ["x", "y", "z"]
     batch = {
         "input_ids": torch.randint(1, 100, (6, 8), generator=torch.Generator().manual_seed(3)),
@@ -225,11 +220,10 @@ def test_classification_module_metrics_on_a_batch():
 def test_experiment_and_lora_none_compose():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=minilm_bbc"])
-        assert cfg.task == "classification" and cfg.model.name == "minilm_l6"
+        assert cfg.task._target_.endswith("ClassificationModule")
+        assert cfg.model.name == "minilm_l6"
         assert list(cfg.lora.target_modules) == BERT_TARGETS and cfg.samples.num_prompts == 0
         full = compose("train", overrides=["experiment=minilm_bbc", "lora=none"])
         assert full.lora.target_modules is None and full.data.source == "bbc_news"
         csv = compose("train", overrides=["experiment=minilm_bbc", "data=csv_classification"])
         assert csv.data.source == "file" and csv.data.max_length == 256
-    with pytest.raises(ValueError, match="causal_lm"):
-        get_task("regression")

@@ -1,4 +1,5 @@
-"""Every shipped config option composes, and the cheap objects it describes instantiate."""
+"""Every shipped option of every config group composes, resolves and builds its object; every sweep
+preset composes; a required value left unset is a named error before any heavy work."""
 
 from pathlib import Path
 
@@ -6,21 +7,49 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
-from lorafit.train import CONF_DIR
+from conftest import TINY_LLAMA
+from lorafit.config import CONF_DIR, SWEEPS_DIR
+from lorafit.lora import LoRAConfig, lora_modules
+from lorafit.models import ModelConfig
+from lorafit.tasks.base import LoRAModule
+from lorafit.train import make_trainer, validate
 
-GROUPS = ["model", "data", "lora", "optimizer", "scheduler", "trainer", "logger", "experiment"]
+GROUPS = [
+    "task",
+    "model",
+    "data",
+    "lora",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "debug",
+]
 OPTIONS = [
     (group, path.stem)
     for group in GROUPS
     for path in sorted((Path(CONF_DIR) / group).glob("*.yaml"))
 ]
+SWEEPS = sorted(p.stem for p in Path(SWEEPS_DIR).glob("*.yaml"))
 REQUIRED = {  # options with a mandatory (???) key need a value to resolve
     ("model", "hf"): ["model.name_or_path=/some/folder"],
+    ("data", "file"): ["data.path=/some/file.jsonl"],
     ("data", "jsonl_messages"): ["data.path=/some/file.jsonl"],
+    ("data", "text"): ["data.path=/some/file.txt"],
 }
+CLASSIFICATION_DATA = {"bbc_news", "csv_classification"}
 
 
 def compose_with(tmp_path, overrides):
@@ -28,45 +57,135 @@ def compose_with(tmp_path, overrides):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.override_dirname = "test"
     HydraConfig.instance().set_config(cfg)  # keeps its own copy of the hydra node
     with open_dict(cfg):
         del cfg.hydra
     return cfg
 
 
+def overrides_for(group: str, option: str) -> list[str]:
+    out = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    if group == "data" and option in CLASSIFICATION_DATA:
+        out.append("task=classification")
+    if group == "task" and option == "classification":
+        out.append("data=bbc_news")
+    if (group, option) in (("lora", "bert"), ("model", "minilm_l6")):  # BERT names and heads
+        out.append("experiment=minilm_bbc")
+    if group == "data" and option == "csv_classification":
+        out.append("data.path=/some/file.csv")
+    return out
+
+
+def tiny_model(bert: bool, classifier: bool):
+    """A tiny random BERT (the minilm_l6 architecture) or Llama, as a classifier or causal LM."""
+    torch.manual_seed(0)
+    if bert:
+        config = BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=64,
+            num_labels=3,
+        )
+        return BertForSequenceClassification(config)
+    config = LlamaConfig(**TINY_LLAMA, num_labels=3)
+    return (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(config)
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_resolves(tmp_path, group, option):
-    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
-    cfg = compose_with(tmp_path, overrides)
-    for g in ("model", "data", "lora", "optimizer", "trainer", "logger"):
-        assert g in cfg, g
+def test_every_option_composes_and_instantiates(tmp_path, group, option):
+    cfg = compose_with(tmp_path, overrides_for(group, option))
     # Resolving every interpolation catches typos in ${...} references.
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert container["seed"] == cfg.seed
+    assert OmegaConf.to_container(cfg, resolve=True)["seed"] == cfg.seed
+    task = validate(cfg)  # task and data fit together; nothing required is missing
+    assert issubclass(task, LoRAModule)
 
+    model_cfg = instantiate(cfg.model, _convert_="all")
+    assert isinstance(model_cfg, ModelConfig) and model_cfg.name == cfg.model.name
+    data_cls = get_class(cfg.data._target_)
+    datamodule = instantiate(cfg.data, tokenizer=None, seed=cfg.seed)  # reads nothing yet
+    assert isinstance(datamodule, data_cls) and data_cls.task == task.name
 
-def test_default_objects_instantiate(tmp_path):
-    cfg = compose_with(tmp_path, [])
-    params = [torch.nn.Parameter(torch.zeros(2))]
+    lora = instantiate(cfg.lora, _convert_="all")
+    assert isinstance(lora, LoRAConfig)
+    model = tiny_model(cfg.model.name == "minilm_l6", task.name == "classification")
+    if lora.full_finetune:
+        assert cfg.lora.r is None
+    else:
+        report = lora.inject(model)
+        assert report.trainable_params > 0 and next(lora_modules(model), None) is not None
+
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params)
-    assert isinstance(optimizer, torch.optim.AdamW)
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=20)
+    module = instantiate(cfg.task)(model=model, optimizer=instantiate(cfg.optimizer))
+    assert isinstance(module, task)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+
+    trainer = make_trainer(cfg)  # every logger and callback of the composed config
+    assert len(trainer.loggers) == len(cfg.logger or {})
+    for node in (cfg.callbacks or {}).values():
+        assert any(type(c).__name__ == node._target_.rsplit(".", 1)[-1] for c in trainer.callbacks)
+    for logger in trainer.loggers if not trainer.fast_dev_run else []:  # fast_dev_run: no files
+        assert Path(logger.save_dir).is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_preset_composes(tmp_path, sweep):
+    overrides = [f"+sweep={sweep}"]
+    if sweep == "minilm_bbc":
+        overrides.insert(0, "experiment=minilm_bbc")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.sweeper.params, f"sweep={sweep} sweeps nothing"
+    with open_dict(cfg):
+        del cfg.hydra
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_default_schedule_warms_up_then_decays_to_its_floor(tmp_path):
+    cfg = compose_with(tmp_path, [])
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    # warmup up to the configured lr, then cosine decay to min_lr_ratio x lr
     assert max(lrs) == pytest.approx(cfg.optimizer.lr)
-    assert lrs[-1] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio, rel=0.05)
-    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger))
-    assert trainer.max_steps == cfg.trainer.max_steps
-    assert Path(trainer.logger.log_dir).is_relative_to(tmp_path)
+    assert lrs[-1] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_rate, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["data=file"], "data.path"),
+        (["data=text"], "data.path"),
+        (["model=hf"], "model.name_or_path"),
+    ],
+)
+def test_a_required_value_left_unset_is_a_named_error(tmp_path, overrides, key):
+    cfg = compose_with(tmp_path, overrides)
+    with pytest.raises(ValueError, match=rf"not set: {key}\b"):
+        validate(cfg)
+
+
+def test_task_and_data_that_do_not_fit_are_refused_early(tmp_path):
+    cfg = compose_with(tmp_path, ["task=classification"])  # data stays conversations
+    with pytest.raises(ValueError, match="task=classification does not fit data=conversations"):
+        validate(cfg)
+    cfg = compose_with(tmp_path, ["data=bbc_news"])
+    with pytest.raises(ValueError, match="data=bbc_news"):
+        validate(cfg)
 
 
 def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = compose_with(tmp_path, ["logger=wandb"])
-    assert cfg.logger.offline is True
+    assert cfg.logger.wandb.offline is True and "csv" in cfg.logger  # the loss curve's source
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert cfg.logger.offline is False  # resolved lazily, at instantiation time
+    assert cfg.logger.wandb.offline is False  # resolved lazily, at instantiation time

@@ -4,14 +4,10 @@ import json
 
 import pytest
 
-from lorafit.data import (
-    IGNORE_INDEX,
-    ChatDataModule,
-    DataError,
-    collate,
-    encode_chat,
-    load_chatterbot,
-)
+from lorafit.data.encoding import IGNORE_INDEX, collate, encode_chat
+from lorafit.data.formats import DataError
+from lorafit.data.lm import ChatDataModule
+from lorafit.data.sources import load_chatterbot
 
 CHAT = [
     {"role": "user", "content": "What is LoRA?"},

@@ -11,9 +11,9 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from lorafit.data import IGNORE_INDEX, ChatDataModule, DataError, chunk_tokens, encode_chat
-from lorafit.encoding import ALPACA_TEMPLATE
-from lorafit.formats import detect_format, get_field, make_converter
+from lorafit.data.encoding import ALPACA_TEMPLATE, IGNORE_INDEX, chunk_tokens, encode_chat
+from lorafit.data.formats import DataError, detect_format, get_field, make_converter
+from lorafit.data.lm import ChatDataModule
 
 N = 6  # rows per file: Q{i}? -> A{i}.
 

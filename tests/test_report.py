@@ -120,12 +120,3 @@ def test_compare_metrics():
     assert ok and "NO" not in table
     ok, table = compare(old, {**old, "eval_loss_after": 1.2345679, "torch_threads": 1})
     assert not ok and "NO" in table and "differs: torch_threads: 2 -> 1" in table
-
-
-def test_data_fingerprint():
-    from lorafit.train import data_fingerprint
-
-    a = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
-    assert data_fingerprint(a) == data_fingerprint([dict(x) for x in a])
-    assert data_fingerprint(a) != data_fingerprint([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
-    assert len(data_fingerprint(a)) == 64

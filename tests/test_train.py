@@ -156,12 +156,14 @@ def test_build_leaves_the_model_in_train_mode_with_lora_dropout(tmp_path):
     """Lightning keeps each module's mode; from_pretrained's eval mode would switch dropout off."""
     from hydra import compose, initialize_config_dir
 
+    from lorafit.config import CONF_DIR
     from lorafit.lora import lora_modules
-    from lorafit.train import CONF_DIR, build
+    from lorafit.tasks.causal_lm import CausalLMModule
+    from lorafit.train import build
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["data.max_train_examples=8", "samples.num_prompts=0"])
-    model, *_ = build(cfg)
+    model, *_ = build(cfg, CausalLMModule)
     assert all(m.training for m in model.modules())
     _, layer = next(lora_modules(model))
     assert isinstance(layer.lora_dropout, torch.nn.Dropout) and layer.lora_dropout.p == 0.05

@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from lorafit.lora import (
     matches,
     unwrap_lora,
 )
+from lorafit.runinfo import atomic_write, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -182,26 +181,11 @@ def _write_atomic(out_dir: Path, files: dict[str, bytes]) -> None:
     """New folder: build it beside ``out_dir`` and rename; existing: replace each file by rename."""
     if out_dir.exists():
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, out_dir / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(out_dir / name, data)
         return
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staged_dir(out_dir) as tmp:
         for name, data in files.items():
-            (tmp_dir / name).write_bytes(data)
-        tmp_dir.chmod(0o755)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+            (tmp / name).write_bytes(data)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import TextStreamer
 
 from lorafit.adapters import CONFIG_NAME, load_adapter, read_adapter_config
-from lorafit.data import render
+from lorafit.data.encoding import render
 from lorafit.lora import disable_lora, lora_modules
 from lorafit.merge import find_adapter_dir, load_base, resolve_base
 

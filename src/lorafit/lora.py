@@ -276,6 +276,34 @@ def inject_lora(
     return lora_report(model)
 
 
+@dataclass
+class LoRAConfig:
+    """The `lora` config group (instantiated from `conf/lora/*.yaml`): `inject_lora`'s arguments.
+
+    `target_modules=None` (`lora=none`) means no LoRA: full fine-tuning of every weight. Field
+    names and meanings are PEFT's `LoraConfig` ones; see :func:`inject_lora`.
+    """
+
+    r: int | None = 8
+    lora_alpha: float | None = 16
+    lora_dropout: float = 0.0
+    target_modules: Targets | None = None
+    exclude_modules: Targets | None = None
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+
+    @property
+    def full_finetune(self) -> bool:
+        """True when no layer is targeted: train the whole model instead."""
+        return self.target_modules is None
+
+    def inject(self, model: nn.Module) -> LoRAReport:
+        """`inject_lora(model, ...)` with these fields. Raises what `inject_lora` raises."""
+        fields = {k: v for k, v in vars(self).items()}
+        return inject_lora(model, **fields)
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Yield ``(name, module)`` for every :class:`LoRALinear` in ``model``: the one walk."""
     for name, module in model.named_modules():

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 from lorafit.lora import unwrap_lora
-from lorafit.tasks.classification import label_kwargs
+from lorafit.models import AUTO_CLASSES, builtin_model, label_kwargs, resolve_model_dir, save_model
+from lorafit.runinfo import staged_dir
 
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +36,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 4.0, "float16": 1.0}
 # float32 rounding of the merged weights grows with the logits' size: over a 49k vocabulary a
 # correct merge reaches ~3e-6 of the largest |logit|, so that scale is allowed too.
 RTOL = 1e-5
-AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
 # The fixed verification batch: chat turns (rendered with the model's chat template) and plain text.
 VERIFY_PROMPTS = [
     "What is the capital of France?",
@@ -83,13 +81,9 @@ def resolve_base(name_or_path: str | os.PathLike | None, adapter_dir: Path | Non
             f"No base model: {adapter_dir}/{CONFIG_NAME} has no base_model_name_or_path. "
             "Pass --base DIR_OR_BUILTIN (e.g. --base smollm2_135m)."
         )
-    builtin = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        from omegaconf import OmegaConf
-
-        from lorafit.models import resolve_model_dir
-
-        return resolve_model_dir(OmegaConf.load(builtin))
+    builtin = builtin_model(str(name_or_path))
+    if builtin is not None:
+        return resolve_model_dir(builtin)
     path = Path(name_or_path).expanduser()
     if str(name_or_path).startswith(("/", ".", "~")) and not (path / "config.json").is_file():
         where = f" (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME})" if adapter_dir else ""
@@ -135,9 +129,7 @@ def load_base(
     """
     auto = AUTO_CLASSES.get(task_type or "CAUSAL_LM")
     if auto is None:
-        raise MergeError(
-            f"task_type {task_type!r} is not supported; use one of {list(AUTO_CLASSES)}."
-        )
+        raise MergeError(f"task_type {task_type!r} is not supported; use CAUSAL_LM or SEQ_CLS.")
     model = auto.from_pretrained(base_dir, dtype=torch.float32, **model_kwargs)
     model.eval().requires_grad_(False)
     has_tok = tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file()
@@ -278,8 +270,8 @@ def merge_to_folder(
     batch = verify_batch(tokenizer)
     reference = batch_logits(model, batch)  # the unmerged model in float32
     unwrap_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
-    tmp = _write_model(model, tokenizer, out)
-    try:
+    with staged_dir(out) as tmp:  # nothing reaches `out` unless the check passes
+        save_model(model, tokenizer, tmp)
         del model  # the merged copy goes before the reload: one model in memory at a time
         merged = type_of(first).from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
         report.update(
@@ -301,43 +293,9 @@ def merge_to_folder(
                 + ("Use --dtype float32, raise" if dtype != "float32" else "Raise")
                 + " --atol, or pass --no-verify to keep it anyway."
             )
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
 def type_of(config: dict[str, Any]):
     """The Auto class for an adapter's ``task_type``."""
     return AUTO_CLASSES.get(config.get("task_type") or "CAUSAL_LM", AutoModelForCausalLM)
-
-
-def _write_model(model: nn.Module, tokenizer, out: Path) -> Path:
-    """save_pretrained into a fresh hidden folder beside ``out``; removed again on any error."""
-    # A model loaded from a GGUF file keeps quantizer marks that make save_pretrained refuse, and
-    # the saved config must not claim a quantization the plain weights no longer have.
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

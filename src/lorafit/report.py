@@ -12,13 +12,14 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from lorafit.runinfo import atomic_write, write_figure
 
 log = logging.getLogger("lorafit")
 
@@ -164,12 +165,6 @@ def summarize(root: Path) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -286,10 +281,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
         + f"; {key}, {'higher' if higher else 'lower'} is better"
     )
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    write_figure(fig, path)
 
 
 def write_report(root: str | Path) -> list[dict]:
@@ -300,8 +292,8 @@ def write_report(root: str | Path) -> list[dict]:
     """
     root = Path(root)
     rows = summarize(root)
-    _write_atomic(root / "summary.csv", to_csv(rows))
-    _write_atomic(root / "summary.md", to_markdown(rows, root))
+    atomic_write(root / "summary.csv", to_csv(rows))
+    atomic_write(root / "summary.md", to_markdown(rows, root))
     plot_tradeoff(rows, root / "tradeoff.png")
     return rows
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
-from collections.abc import Iterator
 from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import Sampler
 
-from lorafit.formats import DataError, Message, Skip
+from lorafit.data.formats import DataError, Message, Skip
 
 log = logging.getLogger(__name__)
 
@@ -273,26 +270,3 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         out["attention_mask"][i, :n] = 1
         out["labels"][i, :n] = torch.tensor(ex["labels"])
     return out
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled order in which neighbours have similar lengths, so batches carry little padding.
-
-    Indices are shuffled (seed + epoch), cut into chunks of `group` indices, and each chunk is
-    sorted by length; the idea of transformers' `group_by_length`. Lightning wraps it for DDP.
-    """
-
-    def __init__(self, lengths: list[int], group: int, seed: int):
-        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        idx = list(range(len(self.lengths)))
-        random.Random(self.seed + self.epoch).shuffle(idx)
-        for i in range(0, len(idx), self.group):
-            yield from sorted(idx[i : i + self.group], key=lambda j: -self.lengths[j])

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.data import IGNORE_INDEX
-from lorafit.module import causal_lm_loss, constant_with_warmup, cosine_with_warmup
+from lorafit.data.encoding import IGNORE_INDEX
+from lorafit.tasks.base import warmup_schedule
+from lorafit.tasks.causal_lm import causal_lm_loss
 
 
 def test_loss_is_shifted_mean_over_labelled_tokens_only():
@@ -42,14 +43,16 @@ def test_no_labelled_token_gives_zero_not_nan():
 @pytest.mark.parametrize("steps", [20, 100])
 def test_cosine_warmup_shape(steps):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = cosine_with_warmup(opt, steps, warmup_ratio=0.1, min_lr_ratio=0.1)
+    sched = warmup_schedule(opt, steps, "cosine_with_min_lr", warmup_ratio=0.1, min_lr_rate=0.1)
     lrs = []
     for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    warmup = int(steps * 0.1)
-    assert lrs[0] == pytest.approx(1 / warmup) and lrs[warmup - 1] == pytest.approx(1.0)
+    warmup = math.ceil(steps * 0.1)
+    # transformers' linear warmup: step s runs at s / warmup of the lr
+    assert lrs[:warmup] == pytest.approx([s / warmup for s in range(warmup)])
+    assert lrs[warmup] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
     half = warmup + (steps - warmup) // 2
     assert lrs[half] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.05)
@@ -58,10 +61,16 @@ def test_cosine_warmup_shape(steps):
 
 def test_constant_with_warmup():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = constant_with_warmup(opt, 10, warmup_ratio=0.4)
+    sched = warmup_schedule(opt, 10, "constant_with_warmup", warmup_ratio=0.4)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 7)
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.5] + [2.0] * 6)
+
+
+def test_no_warmup_starts_at_the_full_rate():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    warmup_schedule(opt, 10, "constant_with_warmup", warmup_ratio=0.0)
+    assert opt.param_groups[0]["lr"] == 2.0

@@ -1,6 +1,7 @@
 """Causal-LM data module: a data set -> messages or text -> tokenized, masked train/val batches.
 
-Reading and row formats are `lorafit.formats`; rendering, masking and chunking `lorafit.encoding`.
+Reading is `lorafit.data.sources`, row formats `lorafit.data.formats`; rendering, masking and
+chunking `lorafit.data.encoding`.
 Tokenization is a `datasets.map` cached under the datasets cache (`lorafit_tokenized/KEY.arrow`) by
 a key made of the data set's fingerprint, the tokenizer and the encoding options, so running the
 same data again reads the tokenized arrow file instead of tokenizing. The built-in chatterbot corpus
@@ -23,43 +24,18 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from lorafit.encoding import (
+from lorafit.data.encoding import (
     ENCODING_VERSION,
     FEATURES,
-    IGNORE_INDEX,
-    LengthGroupedSampler,
-    assistant_spans,
-    chunk_tokens,
     collate,
-    encode_chat,
     encode_chat_row,
     encode_text_batch,
-    render,
     resolve_template,
     tokenizer_fingerprint,
 )
-from lorafit.formats import (
-    FORMATS,
-    DataError,
-    Message,
-    Skip,
-    detect_format,
-    load_chatterbot,
-    load_splits,
-    make_converter,
-)
-
-__all__ = [
-    "IGNORE_INDEX",
-    "ChatDataModule",
-    "DataError",
-    "assistant_spans",
-    "chunk_tokens",
-    "collate",
-    "encode_chat",
-    "load_chatterbot",
-    "render",
-]
+from lorafit.data.formats import FORMATS, DataError, Message, Skip, detect_format, make_converter
+from lorafit.data.sampling import LengthGroupedSampler
+from lorafit.data.sources import load_chatterbot, load_splits
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +82,8 @@ class ChatDataModule(L.LightningDataModule):
         cache_dir: where tokenized splits are cached (default: the datasets cache).
         seed: split and shuffle seed.
     """
+
+    task = "causal_lm"  # the task module it feeds (checked against the `task` config group)
 
     def __init__(
         self,

@@ -1,0 +1,135 @@
+"""What a run writes into its folder: the adapter (or full model), samples.jsonl, loss_curve.png
+and metrics.json. Every file goes through `lorafit.runinfo`'s atomic writers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafit.adapters import WEIGHTS_NAME, save_adapter
+from lorafit.generate import generate
+from lorafit.lora import LoRAConfig, disable_lora, lora_modules
+from lorafit.models import save_model
+from lorafit.runinfo import atomic_write, staged_dir, write_figure
+
+log = logging.getLogger(__name__)
+
+
+def save_full_model(model: nn.Module, tokenizer, out: Path) -> int:
+    """Write a fully fine-tuned model as a plain transformers folder, atomically.
+
+    Returns:
+        Bytes of its safetensors weight files.
+    """
+    with staged_dir(out) as tmp:
+        save_model(model, tokenizer, tmp)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def save_lora(
+    model: nn.Module,
+    tokenizer,
+    lora: LoRAConfig,
+    out: Path,
+    base_model_name_or_path: str,
+    task_type: str = "CAUSAL_LM",
+    heads: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> int:
+    """Save the run's LoRA adapter (PEFT layout) with its tokenizer. Returns the adapter's bytes.
+
+    Args:
+        lora: the config that injected the layers (written as PEFT's `LoraConfig` fields).
+        heads: last names of modules trained whole (a new classifier), saved as PEFT's
+            `modules_to_save`.
+        extra: lorafit's own metadata, written to `lorafit.json` beside PEFT's files.
+    """
+    adapter_dir = save_adapter(
+        model,
+        out,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        exclude_modules=lora.exclude_modules,
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+        modules_to_save=heads or None,
+        extra=extra,
+    )
+    tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
+    return (adapter_dir / WEIGHTS_NAME).stat().st_size
+
+
+@torch.no_grad()
+def write_samples(model: nn.Module, tokenizer, prompts, max_new_tokens: int, path: Path) -> None:
+    """Greedy answers of the base (LoRA disabled) and the tuned model to held-out prompts, one
+    JSON line each: `prompt` (messages), `reference`, `base` (None for full fine-tuning), `tuned`.
+    """
+    model.eval()
+    has_lora = any(True for _ in lora_modules(model))
+    rows = []
+    for messages, reference in prompts:
+        with disable_lora(model):
+            # Full fine-tuning (no LoRA layers) leaves no base model to ask.
+            base = generate(model, tokenizer, messages, max_new_tokens) if has_lora else None
+        tuned = generate(model, tokenizer, messages, max_new_tokens)
+        rows.append({"prompt": messages, "reference": reference, "base": base, "tuned": tuned})
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_logged(csv_path: Path, key: str) -> list[tuple[int, float]]:
+    """`(step, value)` pairs of one column of a Lightning CSVLogger `metrics.csv` (empty cells and
+    a missing file give nothing)."""
+    if not csv_path.is_file():
+        return []
+    with csv_path.open(newline="") as fh:
+        return [
+            (int(row["step"]), float(row[key]))
+            for row in csv.DictReader(fh)
+            if row.get(key) not in (None, "")
+        ]
+
+
+def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str) -> bool:
+    """Draw `train/loss` and `val/loss` from the CSV logger's file (which a resumed run keeps
+    appending to) as PNG. Returns False, drawing nothing, when the file has no loss logged."""
+    train, val = read_logged(csv_path, "train/loss"), read_logged(csv_path, "val/loss")
+    if not train and not val:
+        log.info("No loss logged to %s (no CSV logger?): loss_curve.png not drawn.", csv_path)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, label="train/loss (logged batches)", lw=0.8, alpha=0.35)
+        # Length-grouped batches differ a lot in loss (short answers are harder per token), so the
+        # trend is the mean over the last `k` logged batches.
+        k = max(1, min(25, len(losses) // 5))
+        trend = [sum(losses[max(0, i - k + 1) : i + 1]) / min(k, i + 1) for i in range(len(losses))]
+        ax.plot(steps, trend, label=f"train/loss (mean of {k})", lw=1.5, color="C0")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val/loss")
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_figure(fig, path)
+    return True
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json, written last: a run folder without it is not a finished run."""
+    atomic_write(path, json.dumps(metrics, indent=2, default=str) + "\n")

