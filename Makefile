@@ -28,7 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/bench_merge.py
+	$(PY) benchmarks/bench_merge.py $(ARGS)
 
 sweep: setup
 	$(VENV)/bin/lorafit train -m +sweep=rank_grid $(ARGS)

@@ -6,6 +6,11 @@ reports medians and the ratios to the base. It also measures how far casting the
 bfloat16/float16 moves the logits on merge's fixed batch (what ``lorafit.merge.TOLERANCE`` bounds).
 
     python benchmarks/bench_merge.py [--adapter RUN_OR_ADAPTER_DIR] [--device cpu|cuda]
+    python benchmarks/bench_merge.py --tiny   # smoke run: same code, tiny random Llama, 1-2 rounds
+
+``--tiny`` swaps SmolLM2's weights for a tiny random Llama (SmolLM2's tokenizer and vocabulary,
+saved to a temporary folder) and the sizes and rounds for minimal ones; everything after loading
+runs unchanged. Its numbers mean nothing and, unless ``--out`` is given, it only prints them.
 """
 
 from __future__ import annotations
@@ -13,22 +18,24 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorafit.adapters import load_adapter
-from lorafit.lora import inject_lora, lora_modules
+from lorafit.lora import inject_lora, lora_modules, unwrap_lora
 from lorafit.merge import (
     DTYPES,
     TOLERANCE,
     batch_logits,
     compare_logits,
     find_adapter_dir,
-    fold_lora,
     load_base,
     resolve_base,
     verify_batch,
@@ -39,6 +46,37 @@ TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
     "named after the engineer Gustave Eiffel, whose company designed and built the tower. "
 ) * 8
+BUILTIN = "smollm2_135m"
+# Defaults of the size options for the real run and for the smoke run (`--tiny`).
+SIZES = {
+    "full": dict(batch=4, tokens=128, new_tokens=32, rounds=30, gen_rounds=7),
+    "tiny": dict(batch=1, tokens=16, new_tokens=4, rounds=2, gen_rounds=1),
+}
+# The smoke run's model: a tiny Llama (hidden 64, 2 layers, grouped-query attention like SmolLM2).
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
+def write_tiny_base(folder: Path) -> str:
+    """Save a tiny random Llama with the built-in's tokenizer into ``folder``; return its path."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(BUILTIN))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def build(base_dir: str, adapter: Path | None, device: str):
@@ -56,7 +94,7 @@ def build(base_dir: str, adapter: Path | None, device: str):
                     for _, m in lora_modules(model):
                         nn.init.normal_(m.lora_B, std=0.02)
         if kind == "merged":
-            fold_lora(model)
+            unwrap_lora(model)  # merge each LoRA layer and put its plain nn.Linear back
         models[kind] = model.to(device).eval()
     return models, tokenizer
 
@@ -95,20 +133,38 @@ def cast_error(model: nn.Module, tokenizer, device: str) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", help="run or adapter folder (default: random r=8 q,k,v,o)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--gen-rounds", type=int, default=7)
-    p.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    a = p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny random Llama, 1-2 rounds")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--gen-rounds", type=int)
+    p.add_argument("--out", help="results file; '-' prints only (default: RESULTS.md; --tiny: '-')")
+    a = p.parse_args(argv)
+    if a.tiny and a.adapter:
+        p.error("--tiny builds its own random base; it cannot take --adapter")
+    for key, value in SIZES["tiny" if a.tiny else "full"].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.out is None:
+        a.out = "-" if a.tiny else str(Path(__file__).with_name("RESULTS.md"))
+    if not a.tiny:
+        return run(a, None)
+    with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
+        run(a, write_tiny_base(Path(tmp)))
 
+
+def run(a: argparse.Namespace, tiny_base: str | None) -> None:
+    """Build the three models, time them and write the results (``tiny_base``: smoke run)."""
     adapter = find_adapter_dir(a.adapter) if a.adapter else None
-    base_dir = resolve_base("smollm2_135m") if adapter is None else resolve_base(None, adapter)
+    if tiny_base is not None:
+        base_dir = tiny_base
+    else:
+        base_dir = resolve_base(BUILTIN) if adapter is None else resolve_base(None, adapter)
     models, tok = build(base_dir, adapter, a.device)
     ids = tok(TEXT, return_tensors="pt").input_ids[:, : a.tokens].repeat(a.batch, 1).to(a.device)
     prompt = tok.apply_chat_template(
@@ -143,11 +199,15 @@ def write_results(a, adapter, forward, generate, merge_check, casts) -> None:
         f"| forward, batch {a.batch} x {a.tokens} tokens ({a.rounds} rounds) |",
         f"| greedy generation, {a.new_tokens} new tokens ({a.gen_rounds} rounds) |",
     ]
+    model = (
+        "Tiny random Llama (smoke run, `--tiny`; SmolLM2's tokenizer, float32)"
+        if a.tiny
+        else "SmolLM2-135M-Instruct (built-in, float32)"
+    )
     lines = [
         "# Benchmark: zero-latency merge (`make bench`, `benchmarks/bench_merge.py`)",
         "",
-        f"SmolLM2-135M-Instruct (built-in, float32), adapter: "
-        f"{adapter or 'random r=8 on q,k,v,o (lora_alpha 16)'}; {env}.",
+        f"{model}, adapter: {adapter or 'random r=8 on q,k,v,o (lora_alpha 16)'}; {env}.",
         "Medians of interleaved rounds in one process; ratio = model time / base time.",
         "",
         "| what | base ms | unmerged ms | merged ms | unmerged/base | merged/base |",
@@ -177,9 +237,10 @@ def write_results(a, adapter, forward, generate, merge_check, casts) -> None:
             f"{100 * c['top1_agreement']:.1f}% | {TOLERANCE[name]:g} |"
         )
     text = "\n".join(lines) + "\n"
-    Path(a.out).write_text(text)
+    if a.out != "-":
+        Path(a.out).write_text(text)
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit import runinfo
 from lorafit.adapters import WEIGHTS_NAME, save_adapter
 from lorafit.generate import generate
-from lorafit.lora import LoRAConfig, disable_lora, lora_modules
+from lorafit.lora import LoRAConfig, LoRAReport, disable_lora, lora_modules
 from lorafit.models import save_model
 from lorafit.runinfo import atomic_write, staged_dir, write_figure
 
@@ -128,6 +129,75 @@ def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str) -> bool
     fig.tight_layout()
     write_figure(fig, path)
     return True
+
+
+def run_metrics(
+    cfg,
+    task,
+    lora: LoRAConfig,
+    report: LoRAReport,
+    datamodule,
+    module,
+    trainer,
+    before: dict[str, float],
+    after: dict[str, float],
+    task_metrics: dict[str, Any],
+    *,
+    adapter_bytes: int,
+    train_seconds: float,
+    threads: int,
+) -> dict[str, Any]:
+    """metrics.json's content (DESIGN.md lists the promised keys) for a finished run.
+
+    Args:
+        cfg: the composed run config (an OmegaConf node); recorded resolved under `config`.
+        task: the task's LightningModule class; `module` and `trainer` the fitted ones.
+        before, after: validation metrics before and after training (`eval_loss`, ...).
+        task_metrics: the task's own entries (`module.after_fit`).
+        adapter_bytes: size of the adapter (or full model) weights; `train_seconds` wall time of
+            `trainer.fit`; `threads` torch's intra-op threads.
+    """
+    from omegaconf import OmegaConf
+
+    eval_before, eval_after = before["eval_loss"], after["eval_loss"]
+    return {
+        "task": task.name,
+        "model": cfg.model.name,
+        "dataset": datamodule.stats.get("dataset", cfg.data.get("source", "?")),
+        "lora_r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "target_modules": lora.target_modules,
+        "lora_modules": len(report.modules),
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "trainable_fraction": report.trainable_fraction,
+        "adapter_bytes": adapter_bytes,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "eval_loss_reduction": 1 - eval_after / eval_before,
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+        **task_metrics,
+        "train_steps": trainer.global_step,
+        "train_tokens": module.train_tokens,
+        "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
+        "train_seconds": train_seconds,
+        "peak_rss_mb": runinfo.peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available()
+        else None,
+        "seed": cfg.seed,
+        "git_commit": runinfo.git_commit(),
+        "versions": runinfo.versions(),
+        "torch_threads": threads,
+        "device": str(module.device),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "data": datamodule.stats,
+        # the datasets library's own fingerprint of the tokenized training split (None: a stream)
+        "data_fingerprint": getattr(datamodule.train_set, "_fingerprint", None),
+        "status": "ok",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

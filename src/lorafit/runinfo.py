@@ -5,6 +5,7 @@ files: atomically, so an interrupted or failed write never leaves a half-written
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import os
 import platform
@@ -109,20 +110,15 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the libraries a run's numbers depend on."""
-    import hydra
-    import lightning
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lightning": lightning.__version__,
-        "hydra": hydra.__version__,
-        "lorafit": __import__("lorafit").__version__,
-    }
+    """Versions of Python and of the libraries a run's numbers depend on (read from the installed
+    distributions' metadata, so nothing is imported for it)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "lightning", "hydra-core", "lorafit"):
+        try:
+            out[name.removesuffix("-core")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name.removesuffix("-core")] = "not installed"
+    return out
 
 
 def config_hash(cfg: Any) -> str:

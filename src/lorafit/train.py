@@ -215,45 +215,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.model.name} r={lora.r} alpha={lora.lora_alpha}",
             task.loss_label,
         )
-    eval_before, eval_after = before["eval_loss"], after["eval_loss"]
-    metrics = {
-        "task": task.name,
-        "model": cfg.model.name,
-        "dataset": datamodule.stats.get("dataset", cfg.data.get("source", "?")),
-        "lora_r": lora.r,
-        "lora_alpha": lora.lora_alpha,
-        "target_modules": lora.target_modules,
-        "lora_modules": len(report.modules),
-        "trainable_params": report.trainable_params,
-        "total_params": report.total_params,
-        "trainable_fraction": report.trainable_fraction,
-        "adapter_bytes": adapter_bytes,
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "eval_loss_reduction": 1 - eval_after / eval_before,
-        **{f"{k}_before": v for k, v in before.items()},
-        **{f"{k}_after": v for k, v in after.items()},
-        **task_metrics,
-        "train_steps": trainer.global_step,
-        "train_tokens": module.train_tokens,
-        "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
-        "train_seconds": train_seconds,
-        "peak_rss_mb": runinfo.peak_rss_mb(),
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
-        if torch.cuda.is_available()
-        else None,
-        "seed": cfg.seed,
-        "git_commit": runinfo.git_commit(),
-        "versions": runinfo.versions(),
-        "torch_threads": threads,
-        "device": str(module.device),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "data": datamodule.stats,
-        # the datasets library's own fingerprint of the tokenized training split (None: a stream)
-        "data_fingerprint": getattr(datamodule.train_set, "_fingerprint", None),
-        "status": "ok",
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    metrics = artifacts.run_metrics(
+        cfg, task, lora, report, datamodule, module, trainer, before, after, task_metrics,
+        adapter_bytes=adapter_bytes, train_seconds=train_seconds, threads=threads,
+    )  # fmt: skip
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):  # the final numbers as the W&B run summary
             lg.experiment.summary.update(
@@ -262,8 +227,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     artifacts.write_metrics(run_dir / "metrics.json", metrics)
     log.info(
         "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %s bytes; run folder %s",
-        eval_before,
-        eval_after,
+        metrics["eval_loss_before"],
+        metrics["eval_loss_after"],
         100 * metrics["eval_loss_reduction"],
         adapter_bytes,
         run_dir,

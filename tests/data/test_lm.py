@@ -1,10 +1,21 @@
 """Data: chat rendering, label masking on SmolLM2's real template, loaders' errors, batching."""
 
+import copy
 import json
 
 import pytest
+import torch
 
-from lorafit.data.encoding import IGNORE_INDEX, collate, encode_chat
+from lorafit.data import encoding
+from lorafit.data.encoding import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    encode_chat,
+    generation_mask,
+    has_generation_markers,
+    lm_collator,
+    offset_mask,
+)
 from lorafit.data.formats import DataError
 from lorafit.data.lm import ChatDataModule
 from lorafit.data.sources import load_chatterbot
@@ -101,14 +112,70 @@ def test_jsonl_skips_conversations_without_answer(smol_tokenizer, tmp_path):
     assert "be brief" in smol_tokenizer.decode(dm.train_set[0]["input_ids"])
 
 
-def test_collate_pads_right_to_longest():
-    batch = collate(
-        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
-        pad_token_id=0,
-    )
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+def test_lm_collator_pads_right_to_a_multiple_of_8(smol_tokenizer):
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    pad = smol_tokenizer.pad_token_id
+    batch = lm_collator(smol_tokenizer)(rows)
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert all(v.dtype == torch.long and v.shape == (2, 8) for v in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7] + [pad] * 5, [8] + [pad] * 7]
+    assert batch["attention_mask"].tolist() == [[1] * 3 + [0] * 5, [1] + [0] * 7]
+    assert batch["labels"].tolist() == [[-100, 6, 7] + [-100] * 5, [8] + [-100] * 7]
+    nine = {"input_ids": list(range(9)), "labels": list(range(9))}
+    assert lm_collator(smol_tokenizer)([nine])["input_ids"].shape == (1, 16)
+    # A tokenizer set to pad on the left still gives right-padded batches, and is left as it is.
+    left = copy.copy(smol_tokenizer)
+    left.padding_side = "left"
+    assert lm_collator(left)(rows)["input_ids"][1, 0] == 8 and left.padding_side == "left"
+
+
+# ChatML (the same text as CHATML_TEMPLATE) with each answer and its end-of-turn marker inside
+# `{% generation %}`, the newline after it outside: the span the offset method labels.
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def test_generation_markers_mask_equals_offset_mask(smol_tokenizer, monkeypatch):
+    assert not has_generation_markers(smol_tokenizer)  # SmolLM2's own: the offset method
+    tok = copy.copy(smol_tokenizer)  # the session tokenizer keeps its template
+    tok.chat_template = CHATML_GENERATION
+    assert has_generation_markers(tok)
+    convs, _ = load_chatterbot("english")
+    convs = [c for c in convs if len(c) > 2][:40] + convs[:20]  # multi-turn first
+    system = [{"role": "system", "content": "Be terse."}]
+    convs += [
+        CHAT,
+        system + CHAT,
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " x "}],
+    ]
+    for conv in convs:
+        assert tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(
+            conv, tokenize=False, chat_template=CHATML_TEMPLATE
+        )
+        ids, mask = generation_mask(tok, conv)
+        assert (ids, mask) == offset_mask(tok, conv)
+        assert sum(mask) > 0
+    # encode_chat takes the generation path here (the offset one would fail) with equal labels.
+    offsets = copy.copy(smol_tokenizer)
+    offsets.chat_template = CHATML_TEMPLATE
+    expected = [
+        [encode_chat(offsets, c, 512, train_on_all_assistant_turns=every) for c in convs]
+        for every in (True, False)
+    ]
+    monkeypatch.setattr(encoding, "offset_mask", None)
+    got = [
+        [encode_chat(tok, c, 512, train_on_all_assistant_turns=every) for c in convs]
+        for every in (True, False)
+    ]
+    assert got == expected
+    assert labelled_text(tok, got[0][-3]) == "A low-rank update.<|im_end|>Hu et al.<|im_end|>"
+    assert labelled_text(tok, got[1][-3]) == "Hu et al.<|im_end|>"
 
 
 def test_split_is_deterministic_and_disjoint(smol_tokenizer):
@@ -128,3 +195,13 @@ def test_split_is_deterministic_and_disjoint(smol_tokenizer):
     assert len(a.sample_prompts) == 2
     batch = next(iter(a.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8
+    # transformers' collator: the rows' values on real positions, padding after them.
+    batch, rows = next(iter(a.val_dataloader())), list(a.val_set.select(range(16)))
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert batch["input_ids"].shape[1] - 8 < max(len(r["input_ids"]) for r in rows)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert batch["labels"][i, :n].tolist() == row["labels"]
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["labels"].shape[1] - n)
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()

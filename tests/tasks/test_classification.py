@@ -8,7 +8,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
-from torchmetrics.functional.classification import multiclass_f1_score
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from lorafit.adapters import load_adapter, save_adapter
@@ -19,7 +18,11 @@ from lorafit.data.formats import DataError
 from lorafit.data.sampling import stratified_split
 from lorafit.data.sources import load_bbc_news, read_table
 from lorafit.lora import inject_lora, lora_modules
-from lorafit.tasks.classification import ClassificationModule, classification_metrics
+from lorafit.tasks.classification import (
+    ClassificationModule,
+    classification_metrics,
+    plain_results,
+)
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 TINY_BERT = dict(
@@ -38,17 +41,18 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(folder)
 
 
-def test_metrics_from_confusion_match_hand_and_torchmetrics():
+def test_metrics_match_hand_computed_values():
     cm = torch.tensor([[3, 1, 0], [0, 2, 0], [1, 0, 0]])  # rows true, columns predicted
-    m = classification_metrics(cm, ["a", "b", "c"])
+    target = torch.tensor([i for i in range(3) for j in range(3) for _ in range(cm[i, j])])
+    preds = torch.tensor([j for i in range(3) for j in range(3) for _ in range(cm[i, j])])
+    metrics = classification_metrics(3)
+    metrics.update(preds[:4], target[:4])  # two batches, as in an evaluation loop
+    metrics.update(preds[4:], target[4:])
+    m = plain_results(metrics.compute(), ["a", "b", "c"])
     # a: tp 3, fp 1, fn 1 -> 6/8; b: tp 2, fp 1, fn 0 -> 4/5; c: tp 0 -> 0.
     assert m["f1_per_class"] == pytest.approx({"a": 0.75, "b": 0.8, "c": 0.0})
     assert m["accuracy"] == pytest.approx(5 / 7)
     assert m["macro_f1"] == pytest.approx((0.75 + 0.8) / 3)
-    target = torch.tensor([i for i in range(3) for j in range(3) for _ in range(cm[i, j])])
-    preds = torch.tensor([j for i in range(3) for j in range(3) for _ in range(cm[i, j])])
-    reference = multiclass_f1_score(preds, target, num_classes=3, average="macro")
-    assert m["macro_f1"] == pytest.approx(float(reference))
     assert m["confusion"] == cm.tolist()
 
 
@@ -71,17 +75,30 @@ def test_stratified_split_sizes_shares_and_seed():
     labels = [y for y, n in zip("abcde", (510, 386, 417, 511, 401), strict=True) for _ in range(n)]
     fractions = {"validation": 0.1, "test": 0.1}
     split = stratified_split(labels, fractions, seed=42)
-    assert [len(split[s]) for s in ("train", "validation", "test")] == [1779, 223, 223]
+    # datasets rounds a held-out share up: 445 held out (ceil 0.2 x 2,225), cut 222 / 223.
+    assert [len(split[s]) for s in ("train", "validation", "test")] == [1780, 222, 223]
     assert sorted(sum(split.values(), [])) == list(range(len(labels)))  # disjoint, complete
-    assert Counter(labels[i] for i in split["test"]) == {
-        "a": 51,
-        "b": 39,
-        "c": 42,
-        "d": 51,
-        "e": 40,
-    }
+    for name, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+        got = Counter(labels[i] for i in split[name])
+        for y, n in Counter(labels).items():
+            assert abs(got[y] - n * share) <= 1, (name, y)  # each label keeps its share
     assert stratified_split(labels, fractions, seed=42) == split
     assert stratified_split(labels, fractions, seed=1)["test"] != split["test"]
+    one = stratified_split(labels, {"test": 0.1}, seed=42)  # validation from its own file
+    assert sorted(one) == ["test", "train"] and len(one["test"]) == 223
+    assert stratified_split(labels, {}, seed=42) == {"train": list(range(len(labels)))}
+    _, bbc, _ = load_bbc_news()  # the built-in run's split (before: 1,703 / 212 / 212)
+    assert [len(v) for v in stratified_split(bbc, fractions, seed=0).values()] == [1701, 213, 213]
+
+
+def test_stratified_split_too_few_rows_names_the_fix(tmp_path, minilm_tokenizer):
+    with pytest.raises(ValueError, match="least populated class"):
+        stratified_split(["a"] * 20 + ["b"], {"test": 0.2}, seed=0)
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"item {i},{'abc'[i % 3]}\n" for i in range(12)))
+    dm = ClassificationDataModule(minilm_tokenizer, source="file", path=str(train))
+    with pytest.raises(DataError, match=r"train.csv: cannot cut stratified validation and test"):
+        dm.setup()
 
 
 def test_read_table_formats_labels_and_skips(tmp_path):
@@ -142,8 +159,17 @@ def test_datamodule_on_files_with_separate_validation(tmp_path, minilm_tokenizer
     assert dm.stats["validation_examples"] == 2  # the given file, not a cut
     assert dm.stats["test_examples"] == 4 and dm.stats["train_examples"] == 36
     batch = next(iter(dm.train_dataloader()))
+    # transformers' DataCollatorWithPadding: right padding to a multiple of 8, only what the
+    # module reads (no token_type_ids), all long tensors.
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert all(v.dtype == torch.long for v in batch.values())
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
+    assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["input_ids"][0, 0] == minilm_tokenizer.cls_token_id
+    real = batch["attention_mask"].bool()
+    assert (batch["input_ids"][~real] == minilm_tokenizer.pad_token_id).all()
+    width = torch.arange(real.shape[1])
+    assert (real == (width < real.sum(1, keepdim=True))).all()  # ones, then zeros
     val.write_text("text,label\nfoo,a\nbar,c\n")
     bad = ClassificationDataModule(
         minilm_tokenizer, source="file", path=str(train), val_path=str(val)
@@ -213,7 +239,7 @@ def test_classification_module_metrics_on_a_batch():
     with torch.no_grad():
         preds = module(batch["input_ids"], batch["attention_mask"]).argmax(-1)
         module.test_step(batch, 0)
-    cm = module.confusion["test"].compute()
+    cm = module.metrics["test"]["confusion"].compute()
     assert int(cm.sum()) == 6 and int(cm.diag().sum()) == int((preds == batch["labels"]).sum())
 
 

@@ -12,9 +12,10 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
 
+from lorafit.data.encoding import right_padding
 from lorafit.data.formats import DataError
 from lorafit.data.sampling import LengthGroupedSampler, stratified_split
 from lorafit.data.sources import load_bbc_news, read_table
@@ -54,22 +55,6 @@ def label_set(
                 "examples with these labels."
             )
     return names
-
-
-def collate_classification(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example.
-
-    Returns:
-        (B, T) `input_ids` and `attention_mask`, (B,) `labels`, all long tensors.
-    """
-    width = max(len(ex["input_ids"]) for ex in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        ids[i, : len(ex["input_ids"])] = torch.tensor(ex["input_ids"])
-        mask[i, : len(ex["input_ids"])] = 1
-    labels = torch.tensor([ex["label"] for ex in batch], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -148,7 +133,16 @@ class ClassificationDataModule(L.LightningDataModule):
         else:
             raise DataError(f"data.source='{self.source}' is unknown; use 'bbc_news' or 'file'.")
         cut = {s: f for s, f in self.fractions.items() if s not in own}
-        idx = stratified_split(labels, cut, self.seed)
+        try:
+            idx = stratified_split(labels, cut, self.seed)
+        except ValueError as e:  # datasets' stratified split: too few rows for the labels
+            counts = dict(Counter(labels).most_common())
+            raise DataError(
+                f"{where}: cannot cut stratified {' and '.join(cut)} splits "
+                f"(data.val_fraction/test_fraction {list(cut.values())}) from {len(labels)} rows "
+                f"with label counts {counts}: {e} Give data.val_path / data.test_path, raise the "
+                "fractions, or add rows (every label needs at least two)."
+            ) from None
         splits = {s: ([texts[i] for i in ix], [labels[i] for i in ix]) for s, ix in idx.items()}
         return {**splits, **own}, skipped, where
 
@@ -182,7 +176,7 @@ class ClassificationDataModule(L.LightningDataModule):
             **{f"{s}_examples": len(encoded[s]) for s in SPLITS},
             "labels": self.label_names,
             "train_label_counts": dict(
-                sorted(Counter(self.label_names[e["label"]] for e in encoded["train"]).items())
+                sorted(Counter(self.label_names[e["labels"]] for e in encoded["train"]).items())
             ),
             "train_tokens": sum(len(e["input_ids"]) for e in self.train_set),
             **dict(sorted(counts.items())),
@@ -190,21 +184,22 @@ class ClassificationDataModule(L.LightningDataModule):
         log.info("Data: %s", self.stats)
 
     def _encode(self, texts: list[str], labels: list, index: dict, counts: Counter) -> list[dict]:
-        """Tokenize texts (truncated to `max_length`) -> dicts of `input_ids` and label index."""
+        """Tokenize texts (truncated to `max_length`) -> dicts of `input_ids` and `labels` (the
+        label index)."""
         if not texts:
             return []
         full = self.tokenizer(texts, verbose=False)["input_ids"]  # lengths before truncation
         counts["truncated"] += sum(len(ids) > self.max_length for ids in full)
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return [{"input_ids": x, "label": index[y]} for x, y in zip(ids, labels, strict=True)]
+        return [{"input_ids": x, "labels": index[y]} for x, y in zip(ids, labels, strict=True)]
 
     def _loader(self, data: list[dict], batch_size: int, sampler=None) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
+        # Right-padded to a multiple of 8: (B, T) `input_ids`, `attention_mask`; (B,) `labels`.
         return DataLoader(
             data,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=lambda b: collate_classification(b, pad),
+            collate_fn=DataCollatorWithPadding(right_padding(self.tokenizer), pad_to_multiple_of=8),
             num_workers=self.num_workers,
         )
 

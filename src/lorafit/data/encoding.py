@@ -2,28 +2,33 @@
 
 A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages and
 becomes one example: the whole conversation rendered by the chat template, with labels on the
-assistant turns only (prompt tokens get -100, the ignore index of `F.cross_entropy`). Assistant
-spans are found from character offsets of the rendered text, not by searching for marker token ids,
-so any template that renders prefixes consistently works. Plain text is tokenized, joined with
-end-of-sequence tokens and cut into `block_size` chunks, every token a label.
+assistant turns only (prompt tokens get -100, the ignore index of `F.cross_entropy`). A template
+that marks assistant text with `{% generation %}` ... `{% endgeneration %}` gets its mask from
+transformers (`apply_chat_template(return_assistant_tokens_mask=True)`); any other template gets
+it from character offsets of the rendered text (not by searching for marker token ids), so any
+template that renders prefixes consistently works. Plain text is tokenized, joined with
+end-of-sequence tokens and cut into `block_size` chunks, every token a label. Batches are padded
+by transformers' collators.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import re
 from typing import Any
 
 import datasets
-import torch
+from transformers import DataCollatorForSeq2Seq
 
 from lorafit.data.formats import DataError, Message, Skip
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = 1  # bump when the encoding below changes, so old caches are not reused
+ENCODING_VERSION = 2  # bump when the encoding below changes, so old caches are not reused
 
 # ChatML, the fallback when a tokenizer ships no chat template of its own.
 CHATML_TEMPLATE = (
@@ -44,6 +49,8 @@ ALPACA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "alpaca": ALPACA_TEMPLATE}
+# `{% generation %}` (any whitespace control): the template marks the assistant's own text.
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # Columns of a tokenized split. `skip` is empty for a usable example, else the reason it is not;
 # `dropped` carries tail tokens that chunking left out (on a bookkeeping row with skip "tail").
@@ -125,6 +132,43 @@ def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple
     return text, spans
 
 
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant text with `{% generation %}`."""
+    template = tokenizer.chat_template
+    return isinstance(template, str) and GENERATION_TAG.search(template) is not None
+
+
+def generation_mask(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """(token ids, mask) from transformers: 1 on every token overlapping a `{% generation %}`
+    block of the tokenizer's template (which must have one), 0 elsewhere."""
+    enc = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(enc["input_ids"]), list(enc["assistant_masks"])
+
+
+def offset_mask(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """(token ids, mask) from character offsets: 1 on every token overlapping an assistant span
+    of `assistant_spans`, 0 elsewhere.
+
+    A token that straddles a span's start (" A" after "assistant:") carries the answer's first
+    characters, so it is in the mask.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def last_run(mask: list[int]) -> list[int]:
+    """Keep only the last run of consecutive 1s (the last assistant turn); zeros elsewhere."""
+    end = len(mask) - mask[::-1].index(1) if 1 in mask else 0
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [int(start <= i < end) for i in range(len(mask))]
+
+
 def encode_chat(
     tokenizer,
     messages: list[Message],
@@ -134,6 +178,9 @@ def encode_chat(
 ) -> dict[str, Any]:
     """Tokenize one conversation into `input_ids` and `labels` (both length T <= max_length).
 
+    The assistant mask comes from the template's generation markers when it has them
+    (`generation_mask`), else from character offsets (`offset_mask`).
+
     Args:
         train_on_prompt: label every token, prompt included.
         train_on_all_assistant_turns: label every assistant turn; False labels only the last one.
@@ -142,19 +189,14 @@ def encode_chat(
         dict with `input_ids: list[int]`, `labels: list[int]` (-100 on non-trained tokens) and
         `truncated: bool`.
     """
-    text, spans = assistant_spans(tokenizer, messages)
-    spans = spans if train_on_all_assistant_turns else spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    masked_by = generation_mask if has_generation_markers(tokenizer) else offset_mask
+    ids, mask = masked_by(tokenizer, messages)
+    if not train_on_all_assistant_turns:
+        mask = last_run(mask)
     if train_on_prompt:
         labels = list(ids)
     else:
-        # A token is labelled when its characters overlap a span: one that straddles the start
-        # (" A" after "assistant:") carries the answer's first characters, so it must be learnt.
-        labels = [
-            tok if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
-            for tok, (a, b) in zip(ids, offsets, strict=True)
-        ]
+        labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
     return {
         "input_ids": ids[:max_length],
         "labels": labels[:max_length],
@@ -256,17 +298,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples to the longest one. Returns (B, T) long tensors."""
-    width = max(len(ex["input_ids"]) for ex in batch)
-    out = {
-        "input_ids": torch.full((len(batch), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-        "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
-    }
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        out["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        out["labels"][i, :n] = torch.tensor(ex["labels"])
-    return out
+def right_padding(tokenizer):
+    """The tokenizer, or a shallow copy of it that pads on the right.
+
+    transformers' collators pad on the tokenizer's `padding_side`; training batches are right
+    padded, and the run's own tokenizer (saved with the adapter) is left as it is.
+    """
+    if tokenizer.padding_side == "right":
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def lm_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """transformers' collator for `{"input_ids", "labels"}` examples: right-pads to the longest
+    one, rounded up to a multiple of 8, into (B, T) long tensors `input_ids` (pad id on padding),
+    `attention_mask` (1 on real tokens) and `labels` (-100 on padding)."""
+    return DataCollatorForSeq2Seq(
+        right_padding(tokenizer), label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+    )

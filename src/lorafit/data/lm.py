@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from lorafit.data.encoding import (
     ENCODING_VERSION,
     FEATURES,
-    collate,
     encode_chat_row,
     encode_text_batch,
+    lm_collator,
     resolve_template,
     tokenizer_fingerprint,
 )
@@ -367,12 +367,11 @@ class ChatDataModule(L.LightningDataModule):
         return out
 
     def _loader(self, data, batch_size: int, sampler=None) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
         return DataLoader(
             data,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=partial(collate, pad_token_id=pad),
+            collate_fn=lm_collator(self.tokenizer),
             num_workers=self.num_workers,
         )
 

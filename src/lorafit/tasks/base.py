@@ -86,7 +86,6 @@ class LoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable tensors only; checked below
         # Totals over training batches (forward + backward + optimizer), for metrics.json.
         self.train_tokens, self.train_time = 0, 0.0
-        self.history: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
         self._t_batch = 0.0
 
     # -- what train.py asks of a task ------------------------------------------------------------
@@ -119,7 +118,6 @@ class LoRAModule(L.LightningModule):
         tokens = int(batch["attention_mask"].sum())  # non-padding tokens
         self.train_tokens += tokens
         self.train_time += seconds
-        self.history["train"].append((self.global_step, float(outputs["loss"])))
         self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True)
 
     def configure_optimizers(self):

@@ -53,4 +53,3 @@ class CausalLMModule(LoRAModule):
         value = self.val_loss.compute()
         self.val_loss.reset()
         self.log("val/loss", value, prog_bar=True)
-        self.history["val"].append((self.global_step, float(value)))

@@ -17,8 +17,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
 
 from lorafit.models import label_kwargs
 from lorafit.runinfo import write_figure
@@ -30,27 +34,33 @@ log = logging.getLogger(__name__)
 # Metrics and the LightningModule
 
 
-def classification_metrics(confusion: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class F1 from a confusion matrix.
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """torchmetrics' accuracy, macro-F1, per-class F1 and confusion matrix over `num_classes`.
 
-    Args:
-        confusion: (C, C) counts, rows = true class, columns = predicted (torchmetrics' layout).
-        label_names: C names, in class-index order.
-
-    Returns:
-        `accuracy`, `macro_f1` (unweighted mean over the C classes), `f1_per_class`
-        ({name: F1}) and `confusion` (nested lists of ints).
+    F1 = 2 TP / (2 TP + FP + FN) per class; macro-F1 is their unweighted mean (a class with
+    neither true nor predicted examples has no F1 and is left out of the mean: torchmetrics'
+    rule). The confusion matrix has rows = true class, columns = predicted.
     """
-    cm = confusion.double()
-    tp = cm.diag()
-    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-    denom = 2 * tp + fp + fn
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "f1_per_class": MulticlassF1Score(num_classes, average="none"),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        }
+    )
+
+
+def plain_results(values: dict[str, torch.Tensor], label_names: list[str]) -> dict[str, Any]:
+    """A computed `classification_metrics` collection as JSON-ready values: floats,
+    `f1_per_class` as {name: F1} and `confusion` as nested lists of ints."""
     return {
-        "accuracy": float(tp.sum() / cm.sum().clamp(min=1)),
-        "macro_f1": float(f1.mean()),
-        "f1_per_class": {name: float(v) for name, v in zip(label_names, f1, strict=True)},
-        "confusion": confusion.long().tolist(),
+        "accuracy": float(values["accuracy"]),
+        "macro_f1": float(values["macro_f1"]),
+        "f1_per_class": {
+            name: float(v) for name, v in zip(label_names, values["f1_per_class"], strict=True)
+        },
+        "confusion": values["confusion"].long().tolist(),
     }
 
 
@@ -59,7 +69,7 @@ class ClassificationModule(LoRAModule):
 
     The optimizer, scheduler, timing and trainable-only checkpoints are LoRAModule's. Class names
     come from `model.config.id2label`. After each validation/test epoch `results[stage]` holds
-    `classification_metrics(...)` plus `loss`.
+    `plain_results(...)` of `classification_metrics` plus `loss`.
 
     Args:
         model: a transformers sequence classifier (LoRA injected, head trainable).
@@ -75,7 +85,7 @@ class ClassificationModule(LoRAModule):
         super().__init__(model, optimizer, scheduler)
         n = model.config.num_labels
         self.label_names = [str(model.config.id2label[i]) for i in range(n)]
-        self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(n) for s in ("val", "test")})
+        self.metrics = nn.ModuleDict({s: classification_metrics(n) for s in ("val", "test")})
         self.test_loss = MeanMetric()  # per-example mean; val_loss is LoRAModule's
         self.results: dict[str, dict[str, Any]] = {}
 
@@ -90,20 +100,18 @@ class ClassificationModule(LoRAModule):
         loss = F.cross_entropy(logits, batch["labels"])
         mean = self.val_loss if stage == "val" else self.test_loss
         mean.update(loss, weight=len(batch["labels"]))
-        self.confusion[stage].update(logits.argmax(-1), batch["labels"])
+        self.metrics[stage].update(logits.argmax(-1), batch["labels"])
 
     def _eval_epoch_end(self, stage: str) -> None:
         mean = self.val_loss if stage == "val" else self.test_loss
         loss = float(mean.compute())
-        cm = self.confusion[stage].compute()
+        values = self.metrics[stage].compute()
         mean.reset()
-        self.confusion[stage].reset()
-        res = {"loss": loss, **classification_metrics(cm, self.label_names)}
+        self.metrics[stage].reset()
+        res = {"loss": loss, **plain_results(values, self.label_names)}
         self.results[stage] = res
         for key in ("loss", "accuracy", "macro_f1"):
             self.log(f"{stage}/{key}", res[key], prog_bar=True)
-        if stage == "val":
-            self.history["val"].append((self.global_step, loss))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
