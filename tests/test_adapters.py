@@ -61,7 +61,7 @@ def test_save_writes_peft_layout(make_llama, tmp_path):
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == ATTN
-    assert "lorafit" not in config and config["rank_pattern"] == {}
+    assert "lorafit" not in config and "rank_pattern" not in config  # PEFT default: not written
     assert read_adapter_config(out)["lorafit"] == {"seed": 3}
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     tensors = load_file(out / "adapter_model.safetensors")
@@ -137,7 +137,7 @@ def test_save_writes_full_names_when_targets_do_not_fit(make_llama, input_ids, t
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_peft_adapter_loads_in_lorafit(make_llama, input_ids, tmp_path, use_rslora):
+def test_peft_adapter_loads_in_lorafit(make_llama, input_ids, tmp_path, use_rslora, caplog):
     config = peft.LoraConfig(
         r=4,
         lora_alpha=16,
@@ -153,7 +153,9 @@ def test_peft_adapter_loads_in_lorafit(make_llama, input_ids, tmp_path, use_rslo
                 nn.init.normal_(p, std=0.02)
     reference.save_pretrained(tmp_path)
     model = make_llama()
-    loaded = load_adapter(model, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lorafit.adapters"):
+        loaded = load_adapter(model, tmp_path)
+    assert not caplog.text  # every field PEFT writes is one lorafit knows
     assert loaded["r"] == 4 and loaded["use_rslora"] is use_rslora
     assert len(lora_state_dict(model)) == 2 * 3 * 2
     assert max_diff(model, reference.eval(), input_ids) < 1e-4
@@ -398,3 +400,114 @@ def test_round_trip_on_builtin_model(smol_dir, smol_tokenizer, tmp_path):
         with disable_lora(back):
             plain = back(ids).logits
         assert (back(ids).logits - plain).abs().max() > 1e-3  # the adapter changes the logits
+
+
+# --- adapter_config.json read strictly, written for old PEFT releases too ---
+
+# Every field PEFT 0.12.0's LoraConfig accepts (peft/tuners/lora/config.py + peft/config.py of the
+# 0.12.0 wheel): PEFT 0.12/0.13 refuse a config with any other key ("unexpected keyword argument").
+PEFT_0_12_KEYS = {
+    "base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode",
+    "auto_mapping", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
+    "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "use_dora",
+    "layer_replication", "runtime_config",
+}  # fmt: skip
+
+
+def edit_config(path, **fields):
+    config_path = path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("use_rslora", "false"), ("r", "4"), ("r", 4.0), ("lora_alpha", True), ("lora_dropout", "0"),
+     ("target_modules", 3), ("rank_pattern", {"v_proj": "2"}), ("modules_to_save", "score"),
+     ("use_dora", "false")],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_an_error_naming_file_and_field(
+    make_llama, tmp_path, field, value
+):
+    save(lora_model(make_llama()), tmp_path)
+    edit_config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"adapter_config.json: field '{field}' must be "):
+        load_adapter(make_llama(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"ensure_weight_tying": True}, {"arrow_config": {"top_k": 3}}, {"use_dora": True},
+     {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}, {"lora_bias": True},
+     {"trainable_token_indices": [1, 2]}, {"megatron_config": {"tp": 2}}],
+)  # fmt: skip
+def test_fields_lorafit_cannot_honour_are_refused(make_llama, tmp_path, fields):
+    save(lora_model(make_llama()), tmp_path)
+    edit_config(tmp_path, **fields)
+    key = next(iter(fields))
+    with pytest.raises(NotImplementedError, match=rf"adapter_config.json: {key}="):
+        load_adapter(make_llama(), tmp_path)
+
+
+def test_harmless_and_unknown_fields(make_llama, input_ids, tmp_path, caplog):
+    model = lora_model(make_llama())
+    save(model, tmp_path)
+    harmless = {"init_lora_weights": "gaussian", "peft_version": "0.21.2", "runtime_config": {}}
+    edit_config(tmp_path, **harmless, new_feature=None, newer_feature={"k": 3})
+    loaded = make_llama()
+    with caplog.at_level(logging.WARNING, logger="lorafit.adapters"):
+        load_adapter(loaded, tmp_path)
+    assert "does not know the field(s) newer_feature={'k': 3}" in caplog.text
+    assert "new_feature=" not in caplog.text and "init_lora_weights" not in caplog.text
+    assert max_diff(model, loaded, input_ids) == 0
+
+
+def test_effective_scaling_is_logged_per_layer_group(make_llama, tmp_path, caplog):
+    model = lora_model(make_llama(), use_rslora=True, rank_pattern={"v_proj": 2})
+    save(model, tmp_path, use_rslora=True)
+    with caplog.at_level(logging.INFO, logger="lorafit.adapters"):
+        load_adapter(make_llama(), tmp_path)
+    assert "8 LoRA layers; effective scaling lora_alpha/sqrt(r)" in caplog.text
+    assert "8/sqrt(4) = 4 on 6 layer(s); 8/sqrt(2) = 5.65685 on 2 layer(s)" in caplog.text
+    edit_config(tmp_path, use_rslora=False)  # the string "false" is refused, a real false is not
+    with caplog.at_level(logging.INFO, logger="lorafit.adapters"):
+        load_adapter(make_llama(), tmp_path)
+    assert "lora_alpha/r = 8/4 = 2 on 6 layer(s); 8/2 = 4 on 2 layer(s)" in caplog.text
+
+
+def test_written_config_has_only_non_default_keys_old_peft_knows(make_llama, input_ids, tmp_path):
+    def make():
+        return make_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0)
+
+    model = lora_model(
+        make(), "all-linear", exclude_modules=["model.layers.0.mlp.up_proj"],
+        rank_pattern={"v_proj": 2}, use_rslora=True, modules_to_save=["score"],
+    )  # fmt: skip
+    model.score.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.score.weight.mul_(2.0)
+    save(model, tmp_path, "all-linear", use_rslora=True, lora_dropout=0.1, task_type="SEQ_CLS",
+         exclude_modules=["model.layers.0.mlp.up_proj"], modules_to_save=["score"])  # fmt: skip
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(config) <= PEFT_0_12_KEYS, set(config) - PEFT_0_12_KEYS
+    assert None not in config.values() and "exclude_modules" not in config
+    assert config["use_rslora"] is True and config["lora_dropout"] == 0.1
+    assert "bias" not in config and "init_lora_weights" not in config  # PEFT's defaults
+    minimal = save(lora_model(make_llama()), tmp_path / "minimal", base_model_name_or_path=None)
+    assert set(json.loads((minimal / "adapter_config.json").read_text())) == {
+        "peft_type", "task_type", "r", "lora_alpha", "target_modules", "inference_mode",
+    }  # fmt: skip
+    reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    assert max_diff(model.eval(), reference, input_ids) < 1e-4
+    assert max_diff(model, make(), input_ids) > 1e-3
+
+
+def test_a_loaded_adapter_is_frozen_unless_asked(make_llama, tmp_path):
+    save(lora_model(make_llama()), tmp_path)
+    model = make_llama()
+    load_adapter(model, tmp_path)
+    assert list(lora_modules(model)) and not any(p.requires_grad for p in model.parameters())
+    model = make_llama()
+    load_adapter(model, tmp_path, trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)

@@ -52,12 +52,14 @@ REQUIRED = {  # options with a mandatory (???) key need a value to resolve
 CLASSIFICATION_DATA = {"bbc_news", "csv_classification"}
 
 
-def compose_with(tmp_path, overrides):
+def compose_with(tmp_path, overrides, multirun: bool = False):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
         cfg.hydra.job.override_dirname = "test"
+        if multirun:
+            cfg.hydra.mode = "MULTIRUN"
     HydraConfig.instance().set_config(cfg)  # keeps its own copy of the hydra node
     with open_dict(cfg):
         del cfg.hydra
@@ -189,3 +191,84 @@ def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
     assert cfg.logger.wandb.offline is True and "csv" in cfg.logger  # the loss curve's source
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert cfg.logger.wandb.offline is False  # resolved lazily, at instantiation time
+
+
+# -- config nodes that are not what the code expects: named errors, no silent defaults ------------
+
+
+def user_conf(tmp_path, files: dict[str, str]) -> str:
+    """A user's own config folder (added with hydra.searchpath); returns the override for it."""
+    (tmp_path / "user_conf").mkdir(exist_ok=True)
+    for name, text in files.items():
+        path = tmp_path / "user_conf" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return f"hydra.searchpath=[file://{tmp_path / 'user_conf'}]"
+
+
+def test_lora_config_defaults_are_the_shipped_default_lora():
+    from lorafit.config import group_object
+
+    shipped = OmegaConf.load(Path(CONF_DIR) / "lora/default.yaml")
+    assert group_object(LoRAConfig, shipped, "lora") == LoRAConfig()
+    assert instantiate(shipped, _convert_="all") == LoRAConfig()
+
+
+@pytest.mark.parametrize(("option", "r", "alpha"), [("small", 4, 16), ("large", 16, 32)])
+def test_a_partial_user_lora_file_fills_the_rest_from_the_defaults(tmp_path, option, r, alpha):
+    from lorafit.config import group_object
+
+    searchpath = user_conf(
+        tmp_path, {"lora/small.yaml": "r: 4\n", "lora/large.yaml": "r: 16\nlora_alpha: 32\n"}
+    )
+    cfg = compose_with(tmp_path, [searchpath, f"lora={option}"])
+    validate(cfg)
+    lora = group_object(LoRAConfig, cfg.lora, "lora")  # what build() injects
+    assert lora == LoRAConfig(r=r, lora_alpha=alpha)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    report = lora.inject(tiny_model(bert=False, classifier=False))
+    assert len(report.modules) == 2 * 4  # 2 layers x q, k, v, o
+
+
+@pytest.mark.parametrize(
+    ("files", "overrides", "needles"),
+    [
+        ({"lora/typo.yaml": "rnak: 4\n"}, ["lora=typo"], ["lora.rnak", "lora.r?", "lora=typo"]),
+        ({}, ["lora.lora_alpha=8", "+lora.lora_aplha=8"], ["lora.lora_aplha", "lora.lora_alpha?"]),
+        ({}, ["+model.gradient_checkpointing=true"], ["model.gradient_checkpointing", "dtype"]),
+        ({}, ["+optimizer.lrr=1e-3"], ["optimizer.lrr", "optimizer.lr?"]),
+    ],
+    ids=["lora-file-typo", "lora-plus-typo", "model-plus-key", "optimizer-plus-typo"],
+)
+def test_an_unknown_key_is_a_named_error_with_the_valid_keys(tmp_path, files, overrides, needles):
+    cfg = compose_with(tmp_path, [user_conf(tmp_path, files), *overrides])
+    with pytest.raises(ValueError, match="Valid keys: ") as info:
+        validate(cfg)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_a_multirun_over_single_target_names_is_refused_before_loading(tmp_path):
+    overrides = ["lora.target_modules=q_proj", "lora.r=4"]
+    validate(compose_with(tmp_path, overrides))  # one run: find_targets judges it on the model
+    cfg = compose_with(tmp_path, overrides, multirun=True)  # one job of `-m ...=q_proj,v_proj`
+    with pytest.raises(ValueError) as info:
+        validate(cfg)
+    msg = str(info.value)
+    assert "a string is a regex that must match the whole module name" in msg
+    assert "lora.target_modules='[q_proj," in msg and "quotes needed in a multirun" in msg
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_precision_falls_back_to_32_bit_on_a_cpu_without_bf16(
+    tmp_path, monkeypatch, caplog, native
+):
+    from lorafit import runinfo
+
+    monkeypatch.setattr(runinfo, "cpu_has_bf16", lambda: native)
+    cfg = compose_with(tmp_path, ["trainer.accelerator=cpu"])
+    assert cfg.trainer.precision == "bf16-mixed"
+    with caplog.at_level("INFO", logger="lorafit"):
+        validate(cfg)
+    assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert ("no native bfloat16" in caplog.text) is not native

@@ -88,3 +88,11 @@ def test_cli_generate(adapter_dir, tmp_path, capsys):
     assert ">>> Hi" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 1
     assert "is not a run folder, an adapter folder" in capsys.readouterr().err
+
+
+def test_an_adapter_loaded_for_generation_is_frozen(adapter_dir):
+    from lorafit.generate import load_for_generation
+
+    model, _ = load_for_generation(str(adapter_dir))
+    assert list(lora_modules(model)) and not model.training
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]

@@ -278,3 +278,62 @@ def test_injection_keeps_the_models_eval_mode(make_llama, input_ids):
         assert torch.equal(model(input_ids).logits, model(input_ids).logits)
     model.train()
     assert all(m.training for _, m in lora_modules(model))
+
+
+# --- tied output heads, Conv1D models, task heads ---
+
+
+def test_tied_head_target_is_an_error_that_explains_the_tie(make_llama):
+    model = make_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties its weight to the input embedding model.embed_tok"):
+        inject_lora(model, ["q_proj", "lm_head"], r=2, lora_alpha=4)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not list(lora_modules(model))
+    with pytest.raises(ValueError, match="untie_word_embeddings=true"):
+        inject_lora(make_llama(tie_word_embeddings=True), r"lm_head", r=2, lora_alpha=4)
+    inject_lora(make_llama(), ["lm_head"], r=2, lora_alpha=4)  # an untied head is a fine target
+
+
+def test_untie_opt_in_keeps_the_input_side_and_merges_exactly(make_llama, input_ids, caplog):
+    model = make_llama(tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="lorafit.lora"):
+        inject_lora(model, ["q_proj", "lm_head"], r=2, lora_alpha=4, untie_embeddings=True)
+    assert "Untied lm_head from model.embed_tokens" in caplog.text
+    assert model.lm_head.base_layer.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    randomise_b(model)
+    with torch.no_grad():
+        unmerged = model(input_ids).logits
+        merge_lora(model)
+        merged = model(input_ids).logits
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the input side is unchanged
+    assert (merged - unmerged).abs().max() < 1e-5
+
+
+def test_all_linear_on_gpt2_explains_conv1d():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="Conv1D layers .*not nn.Linear") as err:
+        inject_lora(model, "all-linear", r=2, lora_alpha=4)
+    assert "exclude_modules" not in str(err.value) and "transformer.h.0.attn.c_attn" in str(
+        err.value
+    )
+    with pytest.raises(ValueError, match="Conv1D layers"):
+        inject_lora(model, ["c_attn"], r=2, lora_alpha=4)
+
+
+def test_modules_to_save_take_precedence_over_targets(make_llama):
+    from transformers import LlamaForSequenceClassification
+
+    model = make_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"heads trained whole \['score'\] removes every target"):
+        inject_lora(model, ["score"], r=2, lora_alpha=4, modules_to_save=["score"])
+    report = inject_lora(model, r".*(q_proj|score)", r=2, lora_alpha=4, modules_to_save=["score"])
+    assert [n for n, *_ in report.modules] == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_use_rslora_must_be_a_bool(make_llama, value):
+    with pytest.raises(ValueError, match="lora.use_rslora must be true or false"):
+        inject_lora(make_llama(), ATTN, r=4, lora_alpha=8, use_rslora=value)

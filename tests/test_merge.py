@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+import lorafit.lora
 from lorafit.adapters import load_adapter, save_adapter
 from lorafit.cli import main
-from lorafit.lora import inject_lora, lora_modules
+from lorafit.lora import LoRALinear, inject_lora, lora_modules
 from lorafit.merge import MergeError, merge_to_folder
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -27,15 +28,27 @@ def base_dir(make_llama, smol_tokenizer, tmp_path) -> Path:
     return path
 
 
-def write_adapter(model: nn.Module, path: Path, base: Path, r=4, targets=ATTN, seed=1) -> Path:
+def write_adapter(
+    model: nn.Module, path: Path, base: Path, r=4, targets=ATTN, seed=1, untie=False
+) -> Path:
     """Inject LoRA with random lora_B (so merging changes the weights) and save it."""
-    inject_lora(model, targets, r=r, lora_alpha=8, lora_dropout=0.1)  # dropout: must be off
+    tie = {"untie_embeddings": True} if untie else {}
+    inject_lora(model, targets, r=r, lora_alpha=8, lora_dropout=0.1, **tie)  # dropout: must be off
     torch.manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
             nn.init.normal_(m.lora_B, std=0.05)
     kw = dict(r=r, lora_alpha=8, lora_dropout=0.1, use_rslora=False)
     return save_adapter(model, path, target_modules=targets, base_model_name_or_path=base, **kw)
+
+
+@pytest.fixture
+def tied_base_dir(make_llama, smol_tokenizer, tmp_path) -> Path:
+    """As ``base_dir``, with the output head tied to the input embedding (as SmolLM2's)."""
+    path = tmp_path / "tied_base"
+    make_llama(vocab_size=SMOL_VOCAB, tie_word_embeddings=True).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture
@@ -79,10 +92,17 @@ def test_merge_float32_writes_plain_verified_folder(make_llama, adapter_dir, bas
     assert diff < 1e-4 and base_diff.max() > 1e-2  # the adapter matters, and the merge keeps it
 
 
-def test_merge_bfloat16_reports_the_larger_difference(adapter_dir, tmp_path):
+def test_merge_bfloat16_checks_the_merge_in_float32_and_reports_the_cast(adapter_dir, tmp_path):
     fp32 = merge_to_folder([adapter_dir], tmp_path / "fp32")
     bf16 = merge_to_folder([adapter_dir], tmp_path / "bf16", "bfloat16")
-    assert bf16["max_abs_diff"] > 100 * max(fp32["max_abs_diff"], 1e-7)
+    # The merge check is the float32 one at every dtype, with the float32 tolerance.
+    assert bf16["max_abs_diff"] == fp32["max_abs_diff"] < 1e-4
+    assert bf16["tolerance_abs"] == fp32["tolerance_abs"] == max(1e-4, 1e-5 * fp32["max_abs_logit"])
+    # The cast's rounding is reported separately, against its own bound.
+    assert fp32["cast"]["max_abs_diff"] == 0 and bf16["cast"]["tolerance_abs"] == 4.0
+    assert bf16["cast"]["max_abs_diff"] > 100 * max(fp32["max_abs_diff"], 1e-7)
+    assert bf16["saved"]["max_abs_diff"] == 0  # the reloaded folder computes what was written
+    assert bf16["passed"] and bf16["dtype"] == "bfloat16" and bf16["dtype_source"] == "--dtype"
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert next(iter(load_file(tmp_path / "bf16" / "model.safetensors").values())).dtype == (
         torch.bfloat16
@@ -91,11 +111,62 @@ def test_merge_bfloat16_reports_the_larger_difference(adapter_dir, tmp_path):
 
 def test_failed_check_leaves_nothing(adapter_dir, tmp_path):
     with pytest.raises(MergeError, match="differs from the unmerged one") as err:
-        merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-6)
+        merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-9)
     assert "Nothing was written" in str(err.value)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
-    report = merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-6, verify=False)
+    report = merge_to_folder([adapter_dir], tmp_path / "out", "bfloat16", atol=1e-9, verify=False)
     assert not report["passed"] and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def _skip_first_layer(monkeypatch):
+    real, seen = LoRALinear.merge, []
+
+    def merge(self):
+        seen.append(self)
+        if len(seen) == 1:  # one layer "merged" without its update
+            self.merged = True
+            return
+        real(self)
+
+    monkeypatch.setattr(LoRALinear, "merge", merge)
+
+
+def _double_scaling(monkeypatch):
+    @torch.no_grad()
+    def merge(self):
+        w = self.base_layer.weight
+        w.copy_((w.float() + 2 * self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    monkeypatch.setattr(LoRALinear, "merge", merge)
+
+
+def _keep_head_tied(monkeypatch):  # the untie step skipped: the merge lands in the embedding too
+    monkeypatch.setattr(lorafit.lora, "untie_output_head", lambda *args: None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("wrong", [_skip_first_layer, _double_scaling])
+def test_a_wrong_merge_fails_verification_at_every_dtype(
+    adapter_dir, tmp_path, monkeypatch, wrong, dtype
+):
+    wrong(monkeypatch)
+    with pytest.raises(MergeError, match="differs from the unmerged one"):
+        merge_to_folder([adapter_dir], tmp_path / "out", dtype)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_merge_into_a_tied_head_fails_verification_at_every_dtype(
+    make_llama, tied_base_dir, tmp_path, monkeypatch, dtype
+):
+    model = make_llama(vocab_size=SMOL_VOCAB, tie_word_embeddings=True)
+    targets = [*ATTN, "lm_head"]
+    adapter = write_adapter(model, tmp_path / "a", tied_base_dir, targets=targets, untie=True)
+    _keep_head_tied(monkeypatch)
+    with pytest.raises(MergeError, match="The merge is wrong: .* both float32"):
+        merge_to_folder([adapter], tmp_path / "out", dtype, untie_embeddings=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_needs_overwrite(adapter_dir, tmp_path):
@@ -173,3 +244,46 @@ def test_head_kwargs_from_label_names_or_the_saved_head(tmp_path):
         tmp_path / "adapter_model.safetensors",
     )
     assert head_kwargs(tmp_path, {"task_type": "SEQ_CLS"}) == {"num_labels": 3}
+
+
+def test_tied_head_adapter_names_the_tie_and_merges_untied_on_request(
+    make_llama, tied_base_dir, tmp_path, capsys
+):
+    model = make_llama(vocab_size=SMOL_VOCAB, tie_word_embeddings=True)
+    targets = ["q_proj", "lm_head"]
+    adapter = write_adapter(model, tmp_path / "a", tied_base_dir, targets=targets, untie=True)
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "o1")]) == 1
+    err = capsys.readouterr().err
+    assert "ties that head's weight to the input embedding" in err and "--untie-embeddings" in err
+    assert "differs" not in err and not (tmp_path / "o1").exists()
+    out = tmp_path / "o2"
+    assert main(["merge", str(adapter), "--out", str(out), "--untie-embeddings"]) == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tied_base_dir).eval()
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    unmerged = make_llama(vocab_size=SMOL_VOCAB, tie_word_embeddings=True)
+    load_adapter(unmerged, adapter, untie_embeddings=True)
+    ids = torch.tensor([[1, 5, 900, 31, 7000]])
+    with torch.no_grad():
+        diff = (merged(ids).logits - unmerged.eval()(ids).logits).abs().max().item()
+        moved = (base(ids).logits - unmerged(ids).logits).abs().max().item()
+    assert diff < 1e-4 and moved > 1e-2
+
+
+def test_merge_keeps_the_base_dtype_unless_asked(make_llama, smol_tokenizer, tmp_path, capsys):
+    base = tmp_path / "bf16_base"
+    make_llama(vocab_size=SMOL_VOCAB).to(torch.bfloat16).save_pretrained(base)
+    smol_tokenizer.save_pretrained(base)
+    adapter = write_adapter(make_llama(vocab_size=SMOL_VOCAB), tmp_path / "a", base)
+    out = tmp_path / "out"
+    assert main(["merge", str(adapter), "--out", str(out)]) == 0
+    assert "weights in bfloat16 (from the base's config.json)" in capsys.readouterr().out
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["passed"] and report["max_abs_diff"] < 1e-4
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert "weights in float32 (from --dtype)" in capsys.readouterr().out
+    f32 = load_file(tmp_path / "f32" / "model.safetensors")
+    assert {t.dtype for t in f32.values()} == {torch.float32}

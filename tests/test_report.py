@@ -120,3 +120,21 @@ def test_compare_metrics():
     assert ok and "NO" not in table
     ok, table = compare(old, {**old, "eval_loss_after": 1.2345679, "torch_threads": 1})
     assert not ok and "NO" in table and "differs: torch_threads: 2 -> 1" in table
+
+
+def test_summary_says_what_peak_rss_measures_and_when_runs_do_not_compare(tmp_path):
+    def m(params, scope=None):
+        out = {"trainable_params": params, "eval_loss_after": 2.0, "train_seconds": 1.0}
+        return {**out, "peak_rss_mb": 900.0, **({"peak_rss_scope": scope} if scope else {})}
+
+    make_run(tmp_path, "0", 2, m(100, "process peak since model load"))
+    make_run(tmp_path, "1", 4, m(200, "process peak since model load"))
+    write_report(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "`peak_rss_mb`: process peak since model load (the same for every run" in md
+    with open(tmp_path / "summary.csv") as fh:
+        assert next(csv.DictReader(fh))["peak_rss_scope"] == "process peak since model load"
+    make_run(tmp_path, "2", 8, m(400))  # an older run folder: no scope recorded
+    write_report(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "**`peak_rss_mb` does not compare across these runs**" in md and "not recorded" in md

@@ -124,3 +124,39 @@ def test_multirun_with_broken_run_reports_and_reproduces(tmp_path):
     assert again["eval_loss_after"] == m["eval_loss_after"]
     assert again["config"]["lora"] == m["config"]["lora"]
     assert again["config"]["threads"] == again["torch_threads"] == m["torch_threads"]
+
+
+def lorafit_multirun(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorafit.cli", "train", "-m", *overrides, *QUICK,
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+
+
+def test_multirun_over_single_target_names_fails_fast_and_exits_nonzero(tmp_path):
+    """Hydra reads the comma as a sweep: 4 jobs, each with one bare name as a regex."""
+    proc = lorafit_multirun(tmp_path, "lora.target_modules=q_proj,v_proj", "lora.r=4,8")
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    for job in range(4):
+        error = json.loads((sweep / f"{job}/failed.json").read_text())["error"]
+        assert "a string is a regex that must match the whole module name" in error, error
+        assert "lora.target_modules='[q_proj,v_proj]'" in error
+    assert "0 ok, 4 failed" in (sweep / "summary.md").read_text()
+    assert "No run of the sweep finished" in proc.stdout + proc.stderr  # Hydra logs to stdout
+
+
+def test_optuna_records_a_failed_trial_and_goes_on(tmp_path):
+    proc = lorafit_multirun(
+        tmp_path,
+        "+sweep=optuna",
+        "hydra.sweeper.n_trials=2",
+        "data=jsonl_messages",
+        f"data.path={tmp_path / 'missing.jsonl'}",
+    )
+    assert "Values were told" not in proc.stderr, proc.stderr[-3000:]
+    for trial in range(2):  # the second trial ran after the first one failed
+        failed = json.loads((tmp_path / f"sweep/{trial}/failed.json").read_text())
+        assert "data.path" in failed["error"]
+    assert proc.returncode != 0  # no trial finished

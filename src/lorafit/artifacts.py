@@ -18,7 +18,7 @@ from lorafit.adapters import WEIGHTS_NAME, save_adapter
 from lorafit.generate import generate
 from lorafit.lora import LoRAConfig, LoRAReport, disable_lora, lora_modules
 from lorafit.models import save_model
-from lorafit.runinfo import atomic_write, staged_dir, write_figure
+from lorafit.runinfo import atomic_write, readable_ticks, staged_dir, write_figure
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,18 @@ def read_logged(csv_path: Path, key: str) -> list[tuple[int, float]]:
         ]
 
 
-def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str) -> bool:
+def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str):
     """Draw `train/loss` and `val/loss` from the CSV logger's file (which a resumed run keeps
-    appending to) as PNG. Returns False, drawing nothing, when the file has no loss logged."""
+    appending to) as PNG.
+
+    Returns:
+        The matplotlib figure (saved and closed), or None, drawing nothing, when the file has no
+        loss logged.
+    """
     train, val = read_logged(csv_path, "train/loss"), read_logged(csv_path, "val/loss")
     if not train and not val:
         log.info("No loss logged to %s (no CSV logger?): loss_curve.png not drawn.", csv_path)
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,9 +131,10 @@ def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str) -> bool
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    readable_ticks(fig)  # a nearly flat loss would otherwise read as 0, 2, 4 plus an offset
     fig.tight_layout()
     write_figure(fig, path)
-    return True
+    return fig
 
 
 def run_metrics(
@@ -183,6 +189,7 @@ def run_metrics(
         "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
         "train_seconds": train_seconds,
         "peak_rss_mb": runinfo.peak_rss_mb(),
+        "peak_rss_scope": runinfo.peak_rss_scope(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
         if torch.cuda.is_available()
         else None,

@@ -30,7 +30,11 @@ def merge_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER_DIR")
     p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (default: the base's, from its config.json)",
+    )
     p.add_argument("--base", help="base model folder or built-in name (default: from the adapter)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter: combine them")
     p.add_argument(
@@ -39,6 +43,12 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="max abs logit difference allowed")
     p.add_argument("--no-verify", action="store_true", help="keep the output even if it differs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="allow an adapter on an output head tied to the input embedding: the merged model "
+        "gets its own head weight (tie_word_embeddings: false)",
+    )
     return p
 
 
@@ -74,12 +84,17 @@ def merge(argv: list[str]) -> int:
         verify=not a.no_verify,
         atol=a.atol,
         overwrite=a.overwrite,
+        untie_embeddings=a.untie_embeddings,
     )
+    cast, where = report["cast"], "inputs" if report["task_type"] == "SEQ_CLS" else "tokens"
     print(
-        f"merged -> {a.out} ({a.dtype}): max abs logit diff {report['max_abs_diff']:.3g} "
-        f"(tolerance {report['tolerance_abs']:g}), max rel {report['max_rel_diff']:.3g}, top-1 "
-        f"agreement {100 * report['top1_agreement']:.1f}% on {report['positions']} "
-        + ("inputs" if report["task_type"] == "SEQ_CLS" else "tokens")
+        f"merged -> {a.out}, weights in {report['dtype']} (from {report['dtype_source']}).\n"
+        f"merge check (float32): max abs logit diff {report['max_abs_diff']:.3g} (tolerance "
+        f"{report['tolerance_abs']:g}), max rel {report['max_rel_diff']:.3g}, top-1 agreement "
+        f"{100 * report['top1_agreement']:.1f}% on {report['positions']} {where}\n"
+        f"{report['dtype']} cast: max abs logit diff {cast['max_abs_diff']:.3g} (bound "
+        f"{cast['tolerance_abs']:g}), top-1 agreement {100 * cast['top1_agreement']:.1f}%"
+        + ("" if report["passed"] else "\nCHECK FAILED (kept because of --no-verify)")
     )
     return 0
 

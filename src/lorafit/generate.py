@@ -38,7 +38,9 @@ def load_for_generation(source: str | None, base: str | None = None):
         base: Base folder or built-in name; default: the adapter's base, else the built-in.
 
     Returns:
-        ``(model, tokenizer)``; the model has LoRA layers when an adapter was loaded.
+        ``(model, tokenizer)``; the model has LoRA layers when an adapter was loaded, frozen
+        (no parameter requires grad). An adapter on a tied output head is loaded on an untied
+        copy of the head (the same outputs unmerged).
 
     Raises:
         FileNotFoundError: ``source`` is none of these folders.
@@ -66,7 +68,7 @@ def load_for_generation(source: str | None, base: str | None = None):
             "a causal-LM run. Score texts with `lorafit merge` and transformers' pipeline instead."
         )
     model, tokenizer = load_base(resolve_base(base, adapter_dir), adapter_dir)
-    load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir, untie_embeddings=True)  # frozen: for inference
     return model.eval(), tokenizer
 
 

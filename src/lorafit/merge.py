@@ -2,10 +2,12 @@
 
 ``merge_to_folder`` loads the base in float32, loads the adapter (or a weighted combination of
 several, :mod:`lorafit.multi`), keeps the logits of that unmerged model on a fixed batch of real
-text, merges layer by layer in place (one copy of the model), casts once to the output dtype and
-writes ``config.json``, ``model.safetensors``, the tokenizer and ``generation_config.json`` to a
-temporary folder. It then reloads that folder with plain ``transformers``, compares logits, writes
-``merge_report.json`` before renaming the folder into place: a failed check or write leaves nothing.
+text, merges layer by layer in place (one copy of the model) and checks the merge there, in float32
+with a tight tolerance: a half-precision cast must not hide a wrong merge. It then casts once to the
+output dtype (the base's own by default), writes ``config.json``, ``model.safetensors``, the
+tokenizer and ``generation_config.json`` to a temporary folder, reloads it with plain
+``transformers``, checks the cast's error and the reload, and writes ``merge_report.json`` before
+renaming the folder into place: a failed check or write leaves nothing.
 """
 
 from __future__ import annotations
@@ -19,19 +21,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
-from lorafit.lora import unwrap_lora
+from lorafit.lora import TiedEmbeddingsError, unwrap_lora
 from lorafit.models import AUTO_CLASSES, builtin_model, label_kwargs, resolve_model_dir, save_model
 from lorafit.runinfo import staged_dir
 
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Max |logit difference| allowed, merged vs unmerged float32 model. float32 is the issue's bound;
-# for the half types, casting SmolLM2-135M's weights alone moves its logits on the fixed batch by
-# about half these bounds (bfloat16 ~2.2, float16 ~0.4; benchmarks/RESULTS.md), so a larger gap
-# points at a wrong merge rather than at rounding.
+# Max |logit difference| allowed. float32: the merged vs the unmerged model, both float32 (the merge
+# check, at every output dtype). Half types: the cast merged model vs the float32 one; casting
+# SmolLM2-135M's weights alone moves its logits on the fixed batch by about half these bounds
+# (bfloat16 ~2.2, float16 ~0.4; benchmarks/RESULTS.md).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 4.0, "float16": 1.0}
 # float32 rounding of the merged weights grows with the logits' size: over a 49k vocabulary a
 # correct merge reaches ~3e-6 of the largest |logit|, so that scale is allowed too.
@@ -188,10 +190,31 @@ def compare_logits(ref: Tensor, got: Tensor, mask: Tensor) -> dict[str, float]:
     }
 
 
-def _load_adapters(model, adapter_dirs, weights, combination) -> dict[str, Any]:
+def base_dtype(base_dir: str) -> str:
+    """The dtype the base's ``config.json`` records (``dtype``, or the older ``torch_dtype``), as
+    a :data:`DTYPES` name; ``float32`` when it records none of them."""
+    config = AutoConfig.from_pretrained(base_dir)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(value).removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
+def cast_like_reload(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model`` as ``from_pretrained(dtype=...)`` builds it: parameters and saved buffers;
+    unsaved buffers (rotary ``inv_freq``) keep their float32, so its logits equal the reload's."""
+    saved = model.state_dict(keep_vars=True)
+    unsaved = {n: b for n, b in model.named_buffers() if n not in saved}
+    model.to(dtype)
+    for name, buffer in unsaved.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, buffer)
+    return model
+
+
+def _load_adapters(model, adapter_dirs, weights, combination, untie) -> dict[str, Any]:
     """One adapter as is, or several combined with ``weights``. Returns what the report records."""
     if len(adapter_dirs) == 1 and weights is None:
-        config = load_adapter(model, adapter_dirs[0])
+        config = load_adapter(model, adapter_dirs[0], untie_embeddings=untie)
         return {"adapters": [str(adapter_dirs[0])], "r": config["r"]}
     from lorafit.multi import AdapterSet
 
@@ -203,7 +226,7 @@ def _load_adapters(model, adapter_dirs, weights, combination) -> dict[str, Any]:
     bank = AdapterSet(model)
     names = [f"adapter{i}" for i in range(len(adapter_dirs))]
     for name, d in zip(names, adapter_dirs, strict=True):
-        bank.load(name, d)
+        bank.load(name, d, untie_embeddings=untie)
     used = bank.add_weighted("combined", names, list(weights), combination)
     bank.set_active("combined")
     return {
@@ -217,7 +240,7 @@ def _load_adapters(model, adapter_dirs, weights, combination) -> dict[str, Any]:
 def merge_to_folder(
     sources: Sequence[str | os.PathLike],
     out: str | os.PathLike,
-    dtype: str = "float32",
+    dtype: str | None = None,
     *,
     base: str | None = None,
     weights: Sequence[float] | None = None,
@@ -225,75 +248,130 @@ def merge_to_folder(
     verify: bool = True,
     atol: float | None = None,
     overwrite: bool = False,
+    untie_embeddings: bool = False,
 ) -> dict[str, Any]:
     """Merge adapter(s) into the base and write a verified plain transformers folder at ``out``.
+
+    Three checks on the fixed batch, each in the report: ``merge`` (the top-level numbers: the
+    merged vs the unmerged model, both float32), ``cast`` (the model in ``dtype`` vs the float32
+    merged one: rounding only, bounded by :data:`TOLERANCE`) and ``saved`` (the folder reloaded
+    with plain transformers vs the model that was written).
 
     Args:
         sources: Run folders or adapter folders (several only with ``weights``).
         out: Folder to create; must not exist unless ``overwrite``.
-        dtype: ``float32``, ``bfloat16`` or ``float16``: the saved weights' dtype.
+        dtype: ``float32``, ``bfloat16`` or ``float16``: the saved weights' dtype; default: the
+            base's (its ``config.json``), so a bfloat16 base stays bfloat16.
         base: Base model folder or built-in name; default: the adapter's
             ``base_model_name_or_path``.
         weights: One weight per source, for a weighted combination.
         combination: ``linear``/``cat``/None (auto); see
             :meth:`lorafit.multi.AdapterSet.add_weighted`.
-        verify: Fail when the merged logits differ by more than the tolerance.
-        atol: Max abs logit difference allowed; default: :data:`TOLERANCE` for ``dtype`` or
+        verify: Fail when a check fails (else write anyway, ``passed: false`` in the report).
+        atol: Max abs logit difference of the merge check; default: ``TOLERANCE["float32"]`` or
             :data:`RTOL` x the largest |logit|, whichever is larger.
         overwrite: Replace an existing ``out``.
+        untie_embeddings: Allow an adapter on an output head tied to the input embedding: the
+            merged model gets its own head weight (``tie_word_embeddings: false``).
 
     Returns:
         The report written to ``out/merge_report.json``.
 
     Raises:
-        MergeError: Bad arguments, output folder exists, or the check failed (nothing written).
+        MergeError: Bad arguments, output folder exists, a tied head without
+            ``untie_embeddings``, or a failed check (nothing written).
         FileNotFoundError, ValueError: Unreadable adapter folders (from :mod:`lorafit.adapters`).
     """
     out = Path(out)
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype!r} is not one of {list(DTYPES)}.")
     if out.exists() and not overwrite:
         raise MergeError(f"Output folder {out} exists; choose another --out or pass --overwrite.")
     adapter_dirs = [find_adapter_dir(s) for s in sources]
     first = read_adapter_config(adapter_dirs[0])
     base_dir = resolve_base(base, adapter_dirs[0])
+    source = "--dtype" if dtype else "the base's config.json"
+    dtype = dtype or base_dtype(base_dir)
     model, tokenizer = load_base(
         base_dir, adapter_dirs[0], first.get("task_type"), **head_kwargs(adapter_dirs[0], first)
     )
     report: dict[str, Any] = {
         "base": base_dir,
         "dtype": dtype,
+        "dtype_source": source,
         "task_type": first.get("task_type") or "CAUSAL_LM",
     }
-    report.update(_load_adapters(model, adapter_dirs, weights, combination))
+    try:
+        report.update(_load_adapters(model, adapter_dirs, weights, combination, untie_embeddings))
+    except TiedEmbeddingsError:
+        raise MergeError(
+            f"{adapter_dirs[0]} adapts the output head of {base_dir}, which ties that head's "
+            "weight to the input embedding (tie_word_embeddings): merging there would change the "
+            "input embedding too. Pass --untie-embeddings to give the merged model its own head "
+            "weight (a bigger folder, tie_word_embeddings: false), or use the adapter unmerged."
+        ) from None
     model.eval()  # the new LoRA layers start in training mode: their dropout must be off
     batch = verify_batch(tokenizer)
+    mask = batch["attention_mask"]
     reference = batch_logits(model, batch)  # the unmerged model in float32
-    unwrap_lora(model).to(DTYPES[dtype])  # the one cast, after merging in float32
-    with staged_dir(out) as tmp:  # nothing reaches `out` unless the check passes
+    unwrap_lora(model)  # merge, in float32
+    merged = batch_logits(model, batch)
+    report.update(compare_logits(reference, merged, mask))
+    report["batch_shape"] = list(batch["input_ids"].shape)
+    floor = max(TOLERANCE["float32"], RTOL * report["max_abs_logit"])
+    report["tolerance_abs"] = floor if atol is None else atol
+    failed = [] if report["max_abs_diff"] <= report["tolerance_abs"] else ["merge"]
+    if verify and failed:
+        raise MergeError(_failure(report, failed, out))
+    cast = (
+        merged
+        if dtype == "float32"
+        else batch_logits(cast_like_reload(model, DTYPES[dtype]), batch)
+    )
+    report["cast"] = {**compare_logits(merged, cast, mask), "tolerance_abs": TOLERANCE[dtype]}
+    with staged_dir(out) as tmp:  # nothing reaches `out` unless the checks pass
         save_model(model, tokenizer, tmp)
         del model  # the merged copy goes before the reload: one model in memory at a time
-        merged = type_of(first).from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
-        report.update(
-            compare_logits(reference, batch_logits(merged, batch), batch["attention_mask"])
-        )
-        report["batch_shape"] = list(batch["input_ids"].shape)
-        report["tolerance_abs"] = (
-            max(TOLERANCE[dtype], RTOL * report["max_abs_logit"]) if atol is None else atol
-        )
-        report["passed"] = report["max_abs_diff"] <= report["tolerance_abs"]
+        reloaded = type_of(first).from_pretrained(tmp, dtype=DTYPES[dtype]).eval()
+        report["saved"] = {
+            **compare_logits(cast, batch_logits(reloaded, batch), mask),
+            "tolerance_abs": floor,
+        }
+        for check in ("cast", "saved"):
+            numbers = report[check]
+            if not numbers["max_abs_diff"] <= numbers["tolerance_abs"]:  # NaN fails too
+                failed.append(check)
+        report["passed"] = not failed
         report["verified"] = verify
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if verify and not report["passed"]:
-            raise MergeError(
-                f"Merged model differs from the unmerged one by {report['max_abs_diff']:.3g} "
-                f"(max abs logit difference; tolerance {report['tolerance_abs']:g} for {dtype}), "
-                f"top-1 agreement {100 * report['top1_agreement']:.1f}%. Nothing was written to "
-                f"{out}. "
-                + ("Use --dtype float32, raise" if dtype != "float32" else "Raise")
-                + " --atol, or pass --no-verify to keep it anyway."
-            )
+        if verify and failed:
+            raise MergeError(_failure(report, failed, out))
     return report
+
+
+def _failure(report: dict[str, Any], failed: list[str], out: Path) -> str:
+    """The message of a failed check: which one, by how much, and what to do."""
+    dtype = report["dtype"]
+    if failed[0] == "merge":
+        return (
+            f"The merge is wrong: the merged model differs from the unmerged one by "
+            f"{report['max_abs_diff']:.3g} (max abs logit difference, both float32; tolerance "
+            f"{report['tolerance_abs']:g}), top-1 agreement {100 * report['top1_agreement']:.1f}%. "
+            f"Nothing was written to {out}. Raise --atol or pass --no-verify to keep it anyway."
+        )
+    check = report[failed[0]]
+    what = {
+        "cast": f"Casting the merged model to {dtype} moves its logits",
+        "saved": f"The written folder, reloaded with transformers ({dtype}), differs from the "
+        "merged model",
+    }[failed[0]]
+    return (
+        f"{what} by {check['max_abs_diff']:.3g} (max abs logit difference; bound "
+        f"{check['tolerance_abs']:g}); the float32 merge itself passed. Nothing was written to "
+        f"{out}. "
+        + ("Use --dtype float32, or pass" if dtype != "float32" else "Pass")
+        + " --no-verify to keep it anyway."
+    )
 
 
 def type_of(config: dict[str, Any]):

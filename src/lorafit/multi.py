@@ -65,10 +65,13 @@ class AdapterSet:
         self.configs: dict[str, dict[str, Any]] = {}
         self.active: str | None = None
 
-    def load(self, name: str, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    def load(
+        self, name: str, adapter_dir: str | os.PathLike, untie_embeddings: bool = False
+    ) -> dict[str, Any]:
         """Load a PEFT/lorafit adapter folder as ``name``; the first one loaded becomes active.
 
-        All checks of :func:`lorafit.adapters.load_adapter` apply (shapes against the base).
+        All checks of :func:`lorafit.adapters.load_adapter` apply (shapes against the base, a
+        tied output head only with ``untie_embeddings``).
 
         Raises:
             ValueError: ``name`` is taken, the model is merged, or the folder does not fit.
@@ -86,7 +89,7 @@ class AdapterSet:
         self._check_unmerged()
         unwrap_lora(self.model, merge=False)  # plain again: load_adapter checks against the base
         try:
-            load_adapter(self.model, adapter_dir)
+            load_adapter(self.model, adapter_dir, untie_embeddings=untie_embeddings)
             self.adapters[name] = {
                 n: LoRAWeights(m.lora_A, m.lora_B, m.lora_alpha, m.scaling)
                 for n, m in lora_modules(self.model)

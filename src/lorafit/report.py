@@ -19,11 +19,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit.runinfo import atomic_write, write_figure
+from lorafit.runinfo import atomic_write, compact_number, readable_ticks, write_figure
 
 log = logging.getLogger("lorafit")
 
-# summary.csv columns, in order (summary.md shows the same minus the long `error` text).
+# summary.csv columns, in order (summary.md's table shows the same minus the long texts).
 COLUMNS = [
     "run",
     "overrides",
@@ -40,6 +40,7 @@ COLUMNS = [
     "train_seconds",
     "tokens_per_s",
     "peak_rss_mb",
+    "peak_rss_scope",
     "pareto",
     "best",
     "error",
@@ -218,7 +219,9 @@ def to_markdown(rows: list[dict], root: Path) -> str:
     lines.append(
         f"\nPareto-optimal (best {key} for their parameter count): runs {', '.join(pareto)}"
     )
-    cols = [c for c in COLUMNS if c != "error" and any(r[c] is not None for r in rows)]
+    lines += memory_note(ok)
+    long_texts = ("error", "peak_rss_scope")  # summary.md says them outside the table
+    cols = [c for c in COLUMNS if c not in long_texts and any(r[c] is not None for r in rows)]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     bad = [r for r in rows if r["status"] != "ok"]
@@ -230,14 +233,32 @@ def to_markdown(rows: list[dict], root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_note(ok: list[dict]) -> list[str]:
+    """summary.md's line on what `peak_rss_mb` measures, and whether the runs compare by it."""
+    measured = [r for r in ok if r["peak_rss_mb"] is not None]
+    scopes = sorted({str(r["peak_rss_scope"] or "not recorded") for r in measured})
+    if not scopes:
+        return []
+    if len(scopes) == 1:
+        return [f"\n`peak_rss_mb`: {scopes[0]} (the same for every run, so they compare)."]
+    return [
+        "\n**`peak_rss_mb` does not compare across these runs**: measured over different "
+        f"scopes ({'; '.join(scopes)})."
+    ]
+
+
 def _label(r: dict) -> str:
     if r["targets"] == "full":
         return "full FT"
     return f"r{r['r']}/a{r['alpha']:g}" if isinstance(r["alpha"], int | float) else f"r{r['r']}"
 
 
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
-    """tradeoff.png: quality vs trainable params (log x, Pareto front); quality vs seconds."""
+def plot_tradeoff(rows: list[dict], path: Path):
+    """tradeoff.png: quality vs trainable params (log x, Pareto front); quality vs seconds.
+
+    Returns:
+        The matplotlib figure (saved and closed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,16 +293,20 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
             label="Pareto front",
         )
     axes[0].set_xscale("log")
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(compact_number))  # 184.32k
     axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     failed = len(rows) - len(ok)
     fig.suptitle(
         f"{len(ok)} runs"
         + (f" ({failed} failed/missing, not drawn)" if failed else "")
         + f"; {key}, {'higher' if higher else 'lower'} is better"
     )
+    readable_ticks(fig)  # runs within one decade have no power-of-ten tick to label
     fig.tight_layout()
     write_figure(fig, path)
+    return fig
 
 
 def write_report(root: str | Path) -> list[dict]:
@@ -299,7 +324,9 @@ def write_report(root: str | Path) -> list[dict]:
 
 
 class ReportCallback(Callback):
-    """Hydra callback: write the sweep report into `hydra.sweep.dir` when a multirun ends."""
+    """Hydra callback: write the sweep report into `hydra.sweep.dir` when a multirun ends, and
+    end the process with exit status 1 when no run of the sweep finished (each failed run returns
+    normally so that the sweep goes on, which Hydra alone would report as success)."""
 
     root: Path | None = None
 
@@ -313,11 +340,20 @@ class ReportCallback(Callback):
             rows = write_report(root)
         except Exception as e:  # the runs are done and saved; a report problem must not hide that
             log.error("Sweep report failed (%s); rebuild it with `lorafit report %s`.", e, root)
-            return
-        best = next((r for r in rows if r["best"]), None)
-        log.info(
-            "Sweep report: %s/summary.md, tradeoff.png (%d runs, best: %s)",
-            root,
-            len(rows),
-            f"run {best['run']} {best['overrides']}" if best else "none finished",
-        )
+        else:
+            best = next((r for r in rows if r["best"]), None)
+            log.info(
+                "Sweep report: %s/summary.md, tradeoff.png (%d runs, best: %s)",
+                root,
+                len(rows),
+                f"run {best['run']} {best['overrides']}" if best else "none finished",
+            )
+        runs = find_runs(root) if root.is_dir() else []
+        if not any((d / "metrics.json").is_file() for d in runs):
+            log.error(
+                "No run of the sweep finished (%d run folders, none with metrics.json; the errors "
+                "are in %s/summary.md and each run's failed.json): exit status 1.",
+                len(runs),
+                root,
+            )
+            raise SystemExit(1)  # Hydra's callback runner catches Exception, not SystemExit

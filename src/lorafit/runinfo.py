@@ -4,6 +4,8 @@ files: atomically, so an interrupted or failed write never leaves a half-written
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import importlib.metadata
 import io
@@ -46,8 +48,56 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def compact_number(value: float, _pos: object = None) -> str:
+    """A tick label that reads as the value itself: `950`, `1.5k`, `184.32k`, `2M`, `0.25`."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.6g}{suffix}"
+    return f"{value:.6g}"
+
+
+def readable_ticks(fig) -> None:
+    """Make every numeric axis of `fig` show at least two tick labels, each the plain value at its
+    tick (no offset or `1e5` to add in the reader's head), whatever the data's range.
+
+    Matplotlib hides numbers in two ways: a log axis spanning less than a decade holds no labelled
+    (power of ten) tick, and a nearly flat axis shows `0, 2, 4` plus an offset `1e-5+2.345`.
+    Axes with set ticks (class names) or none (a colorbar's short side) are left alone.
+    """
+    from matplotlib import ticker
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_locator(), ticker.NullLocator | ticker.FixedLocator):
+                continue
+            formatter = axis.get_major_formatter()
+            if isinstance(formatter, ticker.ScalarFormatter):
+                formatter.set_useOffset(False)
+                formatter.set_scientific(False)
+    fig.canvas.draw()  # locate and label the ticks for the view the data gave
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_locator(), ticker.NullLocator | ticker.FixedLocator):
+                continue
+            lo, hi = sorted(axis.get_view_interval())
+            shown = [
+                loc
+                for minor in (False, True)
+                for loc, label in zip(
+                    axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor), strict=True
+                )
+                if label.get_text() and lo <= loc <= hi
+            ]
+            if len(shown) < 2:  # e.g. log scale within one decade: evenly spaced plain ticks
+                axis.set_major_locator(ticker.MaxNLocator(nbins=4, min_n_ticks=2))
+                axis.set_minor_locator(ticker.NullLocator())
+                if isinstance(axis.get_major_formatter(), ticker.LogFormatter):
+                    axis.set_major_formatter(ticker.FuncFormatter(compact_number))
+
+
 def write_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG with `atomic_write` and close it."""
+    """Save a matplotlib figure as PNG with `atomic_write` and close it (the figure object stays
+    readable, e.g. for a test to look at its ticks)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -132,17 +182,51 @@ def config_hash(cfg: Any) -> str:
 # -- memory ----------------------------------------------------------------------------------------
 
 
-def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS count (Linux >= 4.0: VmHWM), so runs that share a sweep
-    process are not mixed; elsewhere a no-op."""
+# What `peak_rss_mb` covers: set by `reset_peak_rss`, recorded beside it in metrics.json.
+_peak_since = {"event": "process start"}
+
+
+def _release_free_memory() -> None:
+    """Collect garbage (an earlier run's objects held in reference cycles) and hand freed heap
+    pages back to the OS (glibc's malloc_trim), so they are not counted as this run's memory."""
+    gc.collect()
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
         pass
 
 
+def reset_peak_rss(since: str = "run start") -> bool:
+    """Restart the kernel's peak-RSS count (Linux >= 4.0: VmHWM) after freeing what is garbage.
+
+    A run calls it at its start and again once the model is loaded, so its `peak_rss_mb` holds
+    neither the one-time GGUF conversion nor what earlier runs of a sequential multirun left.
+
+    Args:
+        since: the event the count now starts at, for `peak_rss_scope`.
+
+    Returns:
+        False where the count cannot be reset (not Linux): the peak then counts from the process
+        start, and `peak_rss_scope` says so.
+    """
+    _release_free_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    _peak_since["event"] = since
+    return True
+
+
+def peak_rss_scope() -> str:
+    """What `peak_rss_mb` covers now, e.g. `process peak since model load` (metrics.json's
+    `peak_rss_scope`: runs compare by `peak_rss_mb` only when it is the same)."""
+    return f"process peak since {_peak_since['event']}"
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory in MiB since `reset_peak_rss`, else since the process started.
+    """Peak resident memory in MiB since the last `reset_peak_rss` that worked, else since the
+    process started (see `peak_rss_scope`).
 
     psutil reports the peak where the OS keeps one (`peak_wset` on Windows); on Linux it has no
     peak field, so the kernel's VmHWM is read, and RSS now is the floor elsewhere.
@@ -157,3 +241,18 @@ def peak_rss_mb() -> float:
         except OSError:
             pass
     return max(peak or 0, mem.rss) / 2**20
+
+
+# -- hardware --------------------------------------------------------------------------------------
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86: AVX-512 BF16 or AMX tiles).
+
+    Without it, bf16 autocast on the CPU is emulated: slower than float32, not faster. False where
+    torch offers no probe (e.g. ARM), so the safe float32 is chosen there.
+    """
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -13,7 +13,6 @@ writes `failed.json` with the error.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -32,10 +31,10 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit import artifacts, runinfo
-from lorafit.config import CONF_DIR
+from lorafit.config import CONF_DIR, check_groups, check_target_sweep, group_object
 from lorafit.lora import LoRAConfig, lora_report
 from lorafit.models import ModelConfig, load_model, load_tokenizer, resolve_model_dir
-from lorafit.tasks.base import LoRAModule
+from lorafit.tasks.base import LoRAModule, dropout_rates
 
 log = logging.getLogger("lorafit")
 
@@ -54,11 +53,15 @@ def set_threads(cfg: DictConfig) -> int:
 
 
 def validate(cfg: DictConfig) -> type[LoRAModule]:
-    """Checks that need no weights or data. Returns the task's LightningModule class.
+    """Checks that need no weights or data, and the one setting the machine decides: a bf16
+    `trainer.precision` on a CPU without native bfloat16 becomes `32-true` (logged), as bf16 is
+    emulated there, slower than float32. Returns the task's LightningModule class.
 
     Raises:
-        ValueError: a required value (`???`) left unset, or a `data` choice whose data module does
-            not serve the chosen `task`.
+        ValueError: a required value (`???`) left unset; a key that the object of its node does
+            not take (a typo, `+model.x=...`); a group other than `model` and `lora` without
+            `_target_`; a multirun that sweeps `lora.target_modules` over single names; or a `data`
+            choice whose data module does not serve the chosen `task`.
     """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -66,10 +69,28 @@ def validate(cfg: DictConfig) -> type[LoRAModule]:
             f"Required config value(s) not set: {', '.join(missing)}. Give each on the command "
             f"line, e.g. `lorafit train {missing[0]}=...`."
         )
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    check_groups(plain, choices, built={"model": ModelConfig, "lora": LoRAConfig})
+    if hc.mode == RunMode.MULTIRUN:
+        check_target_sweep(cfg.lora.get("target_modules"), list(hc.overrides.task))
+    precision, accelerator = str(cfg.trainer.get("precision")), cfg.trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto"
+        and not torch.cuda.is_available()
+        and not torch.backends.mps.is_available()
+    )
+    if precision.startswith("bf16") and on_cpu and not runinfo.cpu_has_bf16():
+        log.warning(
+            "trainer.precision=%s -> 32-true: this CPU has no native bfloat16 (AVX-512 BF16 or "
+            "AMX), so bf16 autocast would be emulated, slower than float32.",
+            precision,
+        )
+        cfg.trainer.precision = "32-true"
     task = get_class(cfg.task._target_)
     data_task = getattr(get_class(cfg.data._target_), "task", None)
     if data_task != task.name:
-        choices = HydraConfig.get().runtime.choices
         raise ValueError(
             f"task={choices.get('task', task.name)} does not fit data={choices.get('data')}: that "
             f"data module ({cfg.data._target_}) feeds task={data_task}. Pick a data set for "
@@ -89,8 +110,9 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
     Raises:
         ValueError: bad input (model, data or LoRA targets); the message names the config key.
     """
-    model_cfg: ModelConfig = instantiate(cfg.model, _convert_="all")
-    lora: LoRAConfig = instantiate(cfg.lora, _convert_="all")
+    # A node without _target_ (a user's `lora` file holding only `r: 4`) takes the defaults.
+    model_cfg: ModelConfig = group_object(ModelConfig, cfg.model, "model")
+    lora: LoRAConfig = group_object(LoRAConfig, cfg.lora, "lora")
     model_dir = resolve_model_dir(model_cfg)
     tokenizer = load_tokenizer(model_dir, model_cfg)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
@@ -104,11 +126,15 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
                 "data.val_examples so that both splits keep rows."
             )
     model = load_model(model_dir, model_cfg, task.name, **task.model_kwargs(datamodule))
+    # peak_rss_mb counts from here: a GGUF conversion, the loader's own peak and what earlier
+    # runs of a multirun left are not this run's training memory (metrics.json: peak_rss_scope).
+    runinfo.reset_peak_rss(since="model load")
+    heads = task.head_names(model)
     if lora.full_finetune:
         model.requires_grad_(True)
     else:
-        lora.inject(model)
-    for name in task.head_names(model):
+        lora.inject(model, modules_to_save=heads)  # a new head trains whole, with no LoRA inside
+    for name in heads:
         model.get_submodule(name).requires_grad_(True)
     # from_pretrained returns eval mode and Lightning keeps each module's mode, so switch to train
     # mode here: dropout (LoRA's and the base's, as in PEFT/Trainer fine-tuning) is on in training.
@@ -120,7 +146,14 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
 
 def make_trainer(cfg: DictConfig) -> L.Trainer:
     """The Trainer with every logger of `logger` and every callback of `callbacks`; a W&B logger
-    gets the sweep as group and the overrides as run name."""
+    gets the sweep as group and the overrides as run name.
+
+    `trainer.accumulate_grad_batches` and `trainer.gradient_clip_val` do not reach Lightning: the
+    task module runs each optimizer step itself (its loss is normalised by the whole step, see
+    `lorafit.tasks.base`), and Lightning refuses both under manual optimization. `train` hands
+    them to the data module and the task module. `trainer.deterministic` is the one switch for
+    deterministic algorithms (Lightning sets torch's, on any device).
+    """
     hc = HydraConfig.get()
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -131,7 +164,13 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
                 kwargs["group"] = "/".join(Path(hc.sweep.dir).parts[-2:])  # 2026-11-29/18-55-00
         loggers.append(instantiate(node, **kwargs))
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        accumulate_grad_batches=1,
+        gradient_clip_val=None,
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer
@@ -156,10 +195,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=model,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
     )
+    datamodule.accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if not isinstance(datamodule.accumulate, int) or datamodule.accumulate < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={datamodule.accumulate}: give a whole number >= 1 "
+            "(micro-batches per optimizer step)."
+        )
     trainer = make_trainer(cfg)
-    if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
-        torch.use_deterministic_algorithms(True)  # bit-identical reruns; see README on GPUs
+    per_step = datamodule.batch_size * datamodule.accumulate * trainer.world_size
+    rates = dropout_rates(model)
+    log.info(
+        "One optimizer step: %d example(s) = %d micro-batch(es) of %d on each of %d device(s); "
+        "its loss is the mean over all the step's %s. Dropout in training: %s.",
+        per_step,
+        datamodule.accumulate,
+        datamodule.batch_size,
+        trainer.world_size,
+        task.loss_unit,
+        f"on (p = {', '.join(map(str, rates))})" if rates else "off",
+    )
+    if cfg.ckpt_path and getattr(datamodule, "streaming", False):
+        log.warning("A streamed training set is not resumable mid-epoch: it restarts its epoch.")
 
     def evaluate() -> dict[str, float]:
         """Validation metrics as `{"eval_loss": ..., "eval_accuracy": ..., ...}`."""
@@ -237,8 +295,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point. Returns `eval_loss_after` (the objective sweepers minimise)."""
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point. Returns `eval_loss_after` (the objective sweepers minimise).
+
+    In a multirun a failed run writes `failed.json` and returns None, so the sweep goes on: an
+    Optuna sweep records the trial as failed (it refuses NaN, and a number would be a fake
+    objective). When no run of a multirun finished, `lorafit.report.ReportCallback` ends the
+    process with exit status 1.
+    """
     hc = HydraConfig.get()
     try:
         value = train(cfg)["eval_loss_after"]
@@ -259,7 +323,7 @@ def main(cfg: DictConfig) -> float:
         artifacts.write_metrics(run_dir / "failed.json", failure)
         if hc.mode == RunMode.MULTIRUN:  # one broken run must not end the sweep
             log.error("Run failed (recorded in %s/failed.json): %s", run_dir, e)
-            return math.nan
+            return None
         if isinstance(e, ValueError | OSError):  # bad input: one clear paragraph, no traceback
             print(f"\nlorafit: error: {e}\n", file=sys.stderr)
             raise SystemExit(1) from None

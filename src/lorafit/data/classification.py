@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding
 
 from lorafit.data.encoding import right_padding
 from lorafit.data.formats import DataError
-from lorafit.data.sampling import LengthGroupedSampler, stratified_split
+from lorafit.data.sampling import StepLoader, StepSampler, device_share, stratified_split
 from lorafit.data.sources import load_bbc_news, read_table
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,26 @@ class ClassificationDataModule(L.LightningDataModule):
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return [{"input_ids": x, "labels": index[y]} for x, y in zip(ids, labels, strict=True)]
 
-    def _loader(self, data: list[dict], batch_size: int, sampler=None) -> DataLoader:
+    # -- loaders ---------------------------------------------------------------------------------
+
+    accumulate = 1  # micro-batches per optimizer step (train.py: trainer.accumulate_grad_batches)
+
+    def _collate(self) -> DataCollatorWithPadding:
         # Right-padded to a multiple of 8: (B, T) `input_ids`, `attention_mask`; (B,) `labels`.
+        return DataCollatorWithPadding(right_padding(self.tokenizer), pad_to_multiple_of=8)
+
+    def _loader(self, data: list[dict], batch_size: int) -> DataLoader:
         return DataLoader(
-            data,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=DataCollatorWithPadding(right_padding(self.tokenizer), pad_to_multiple_of=8),
-            num_workers=self.num_workers,
+            data, batch_size=batch_size, collate_fn=self._collate(), num_workers=self.num_workers
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepLoader:
+        """One optimizer step per item: a batch of `batch_size`, or with `accumulate` > 1 the
+        list of the step's micro-batches, length-grouped and split over devices by `StepSampler`."""
         lengths = [len(ex["input_ids"]) for ex in self.train_set]
-        sampler = LengthGroupedSampler(lengths, group=self.batch_size * 16, seed=self.seed)
-        return self._loader(self.train_set, self.batch_size, sampler)
+        share = device_share(self.trainer)  # the trainer is None outside a fit
+        sampler = StepSampler(lengths, self.batch_size, self.accumulate, self.seed, **share)
+        return StepLoader(self.train_set, sampler, self._collate(), self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size)

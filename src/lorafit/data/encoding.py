@@ -23,12 +23,12 @@ from typing import Any
 import datasets
 from transformers import DataCollatorForSeq2Seq
 
-from lorafit.data.formats import DataError, Message, Skip
+from lorafit.data.formats import DataError, Message, Skip, drop_opening_turns
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = 2  # bump when the encoding below changes, so old caches are not reused
+ENCODING_VERSION = 3  # bump when the encoding below changes, so old caches are not reused
 
 # ChatML, the fallback when a tokenizer ships no chat template of its own.
 CHATML_TEMPLATE = (
@@ -53,7 +53,9 @@ TEMPLATES = {"chatml": CHATML_TEMPLATE, "alpaca": ALPACA_TEMPLATE}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # Columns of a tokenized split. `skip` is empty for a usable example, else the reason it is not;
-# `dropped` carries tail tokens that chunking left out (on a bookkeeping row with skip "tail").
+# `dropped` carries tail tokens that chunking left out (on a bookkeeping row with skip "tail");
+# `prompt_length` (tokens before the first label) and `full_length` are counted before truncation;
+# `note` names a change to a usable example that the stats count (opening assistant turn dropped).
 FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -63,6 +65,9 @@ FEATURES = datasets.Features(
         "truncated": datasets.Value("bool"),
         "skip": datasets.Value("string"),
         "dropped": datasets.Value("int32"),
+        "prompt_length": datasets.Value("int32"),
+        "full_length": datasets.Value("int32"),
+        "note": datasets.Value("string"),
     }
 )
 
@@ -178,7 +183,8 @@ def encode_chat(
 ) -> dict[str, Any]:
     """Tokenize one conversation into `input_ids` and `labels` (both length T <= max_length).
 
-    The assistant mask comes from the template's generation markers when it has them
+    Assistant turns before the first user turn are dropped (`formats.drop_opening_turns`). The
+    assistant mask comes from the template's generation markers when it has them
     (`generation_mask`), else from character offsets (`offset_mask`).
 
     Args:
@@ -186,9 +192,11 @@ def encode_chat(
         train_on_all_assistant_turns: label every assistant turn; False labels only the last one.
 
     Returns:
-        dict with `input_ids: list[int]`, `labels: list[int]` (-100 on non-trained tokens) and
-        `truncated: bool`.
+        dict with `input_ids: list[int]`, `labels: list[int]` (-100 on non-trained tokens),
+        `truncated: bool`, `prompt_length` (tokens before the first label) and `full_length`
+        (both before truncation), and `opening_turns_dropped`.
     """
+    messages, opening = drop_opening_turns(messages)
     masked_by = generation_mask if has_generation_markers(tokenizer) else offset_mask
     ids, mask = masked_by(tokenizer, messages)
     if not train_on_all_assistant_turns:
@@ -201,6 +209,9 @@ def encode_chat(
         "input_ids": ids[:max_length],
         "labels": labels[:max_length],
         "truncated": len(ids) > max_length,
+        "prompt_length": next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids)),
+        "full_length": len(ids),
+        "opening_turns_dropped": opening,
     }
 
 
@@ -236,7 +247,16 @@ def chunk_tokens(
     return chunks, len(ids) - covered
 
 
-def _row(input_ids=(), labels=(), truncated=False, skip="", dropped=0) -> dict[str, Any]:
+def _row(
+    input_ids=(),
+    labels=(),
+    truncated=False,
+    skip="",
+    dropped=0,
+    prompt_length=0,
+    full_length=None,
+    note="",
+) -> dict[str, Any]:
     # Position 0's label is never a target after the causal shift, so it does not count.
     n_labels = sum(t != IGNORE_INDEX for t in labels[1:])
     if not skip and n_labels == 0:
@@ -249,16 +269,37 @@ def _row(input_ids=(), labels=(), truncated=False, skip="", dropped=0) -> dict[s
         "truncated": truncated,
         "skip": skip,
         "dropped": dropped,
+        "prompt_length": prompt_length,
+        "full_length": len(input_ids) if full_length is None else full_length,
+        "note": note,
     }
 
 
-def encode_chat_row(row: dict, convert, tokenizer, max_length: int, **masking) -> dict[str, Any]:
-    """`datasets.map` function for chat formats: one row -> one tokenized example (or a skip)."""
+def encode_chat_row(
+    row: dict, convert, tokenizer, max_length: int, row_key: str | None = None, **masking
+) -> dict[str, Any]:
+    """`datasets.map` function for chat formats: one row -> one tokenized example (or a skip).
+
+    Raises:
+        DataError: the row cannot be rendered (a template's own error, say); names the row by its
+            `row_key` field (1-based row number) when it has one.
+    """
     try:
         ex = encode_chat(tokenizer, convert(row), max_length, **masking)
     except Skip as s:
         return _row(skip=s.args[0])
-    return _row(ex["input_ids"], ex["labels"], ex["truncated"])
+    except Exception as e:  # jinja2, transformers or our own errors: say which row
+        where = f"row {row[row_key]}" if row_key and row_key in row else "a row"
+        raise DataError(f"{where} cannot be encoded: {type(e).__name__}: {e}") from e
+    note = "dropped_opening_assistant_turn" if ex["opening_turns_dropped"] else ""
+    return _row(
+        ex["input_ids"],
+        ex["labels"],
+        ex["truncated"],
+        prompt_length=ex["prompt_length"],
+        full_length=ex["full_length"],
+        note=note,
+    )
 
 
 def encode_text_batch(

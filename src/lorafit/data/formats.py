@@ -104,9 +104,33 @@ def _text(value: Any, what: str) -> str:
     return str(value)
 
 
+def first_user_turn(msgs: list[Message]) -> int:
+    """Index of the first user turn (`len(msgs)` when there is none)."""
+    return next((i for i, m in enumerate(msgs) if m["role"] == "user"), len(msgs))
+
+
+def drop_opening_turns(msgs: list[Message]) -> tuple[list[Message], int]:
+    """(the conversation without the assistant turns before its first user turn, how many went).
+
+    Such a turn (a bot's greeting, as ShareGPT exports often begin) answers nothing, so it is not
+    trained on; it is dropped rather than kept as context because chat templates cannot render
+    the empty prompt it would follow (transformers: "empty conversation") and many refuse a
+    conversation that does not open with a user turn. System messages stay.
+    """
+    first = first_user_turn(msgs)
+    kept = [m for m in msgs[:first] if m["role"] != "assistant"] + msgs[first:]
+    return kept, len(msgs) - len(kept)
+
+
 def _checked(msgs: list[Message]) -> list[Message]:
-    if not any(m["role"] == "assistant" for m in msgs):
+    """The conversation, if it can train: it needs an assistant turn after a user turn (else
+    `no_assistant_turn`; one before the first user turn is dropped by `drop_opening_turns`), and
+    no answer may be empty or blank (`empty_answer`: it would train the end-of-turn token alone)."""
+    answers = [m for m in msgs[first_user_turn(msgs) :] if m["role"] == "assistant"]
+    if not answers:
         raise Skip("no_assistant_turn")
+    if any(not m["content"].strip() for m in answers):
+        raise Skip("empty_answer")
     return msgs
 
 
@@ -144,10 +168,11 @@ def from_pair(
     if extra_input not in (None, ""):
         user = f"{user}\n\n{extra_input}"
     msgs = [{"role": "system", "content": str(system)}] if system not in (None, "") else []
-    return msgs + [
+    msgs += [
         {"role": "user", "content": user},
         {"role": "assistant", "content": _text(response, "response")},
     ]
+    return _checked(msgs)
 
 
 def make_converter(fmt: str, columns: dict[str, str] | None = None) -> Callable[[dict], Any]:

@@ -2,21 +2,16 @@
 
 Reading is `lorafit.data.sources`, row formats `lorafit.data.formats`; rendering, masking and
 chunking `lorafit.data.encoding`.
-Tokenization is a `datasets.map` cached under the datasets cache (`lorafit_tokenized/KEY.arrow`) by
-a key made of the data set's fingerprint, the tokenizer and the encoding options, so running the
-same data again reads the tokenized arrow file instead of tokenizing. The built-in chatterbot corpus
-goes the same way, as an in-memory `datasets.Dataset` of message lists.
+Tokenization is a `datasets.map` cached by the data set's fingerprint, the tokenizer and the
+encoding options (`lorafit.data.tokenized`), so running the same data again reads it back. The
+built-in chatterbot corpus goes the same way, as an in-memory `datasets.Dataset` of message lists.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
 from collections import Counter
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -33,9 +28,25 @@ from lorafit.data.encoding import (
     resolve_template,
     tokenizer_fingerprint,
 )
-from lorafit.data.formats import FORMATS, DataError, Message, Skip, detect_format, make_converter
-from lorafit.data.sampling import LengthGroupedSampler
+from lorafit.data.formats import (
+    FORMATS,
+    DataError,
+    Message,
+    Skip,
+    detect_format,
+    drop_opening_turns,
+    make_converter,
+)
+from lorafit.data.sampling import StepLoader, StepSampler, StreamSteps, device_share
 from lorafit.data.sources import load_chatterbot, load_splits
+from lorafit.data.tokenized import (
+    ROW,
+    cached_map,
+    check_cut_answers,
+    keep_usable,
+    log_padding,
+    numbered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +78,9 @@ class ChatDataModule(L.LightningDataModule):
         streaming: read lazily (files larger than memory); no tokenization cache, and the
             validation rows are the first `val_examples` (default 200) of the stream.
         template: None (the tokenizer's; ChatML when it has none), `chatml`, `alpaca` or Jinja.
-        max_length: tokens per chat example; longer ones are truncated and counted.
+        max_length: tokens per chat example; longer ones are truncated and counted. A row whose
+            whole answer is cut away is skipped and named in a warning (rows numbered from 1 in
+            file order); an error when that leaves a split empty.
         block_size: tokens per `text` chunk (default `max_length`); `stride` of them overlap.
         keep_document_boundaries: chunk each document on its own (short tails kept) instead of
             concatenating documents with eos between them (tails dropped and counted).
@@ -166,6 +179,13 @@ class ChatDataModule(L.LightningDataModule):
             return splits, Counter(), self.path
         raise DataError(f"data.source='{self.source}' is unknown; use 'chatterbot' or 'datasets'.")
 
+    def where(self) -> str:
+        """The data, as messages name it: the config keys that chose it."""
+        if self.source == "chatterbot":
+            return f"chatterbot/{self.language}"
+        files = f" data.data_files={self.data_files}" if self.data_files else ""
+        return f"data.path='{self.path}'{files}"
+
     def split_rows(self, splits) -> tuple[Any, Any]:
         """(train rows, validation rows): a validation split if there is one, else a seeded split.
 
@@ -175,13 +195,14 @@ class ChatDataModule(L.LightningDataModule):
         for name in (self.split, self.val_split):
             if name is not None and name not in splits:
                 raise DataError(f"data split '{name}' not found; the data has {list(splits)}.")
-        train = splits[self.split]
+        train = numbered(splits[self.split])
         val_name = self.val_split or next(
             (s for s in ("validation", "valid", "val") if s in splits), None
         )
+        self.split_names = (self.split, val_name)  # val_name None: validation cut from `split`
         n_val = self.val_examples or 200  # the rows a stream holds out (it has no length)
         if val_name:
-            val = splits[val_name]
+            val = numbered(splits[val_name])
         elif self.streaming:  # hold out the stream's first rows
             val, train = train, train.skip(n_val)
         else:
@@ -206,9 +227,10 @@ class ChatDataModule(L.LightningDataModule):
         if self.columns:
             fmt = "columns"
         else:
-            first = next(iter(rows), {})
-            fmt = detect_format(list(rows.column_names or first), first)
-        log.info("data.format=auto: detected '%s' from columns %s", fmt, rows.column_names)
+            first = {k: v for k, v in next(iter(rows), {}).items() if k != ROW}
+            fmt = detect_format([c for c in rows.column_names or first if c != ROW], first)
+        columns = [c for c in rows.column_names or [] if c != ROW]
+        log.info("data.format=auto: detected '%s' from columns %s", fmt, columns)
         return fmt
 
     # -- tokenizing -------------------------------------------------------------------------------
@@ -234,6 +256,7 @@ class ChatDataModule(L.LightningDataModule):
                 convert=convert,
                 tokenizer=self.tokenizer,
                 max_length=self.max_length,
+                row_key=ROW,
                 train_on_prompt=self.train_on_prompt,
                 train_on_all_assistant_turns=self.train_on_all_assistant_turns,
             )
@@ -254,49 +277,19 @@ class ChatDataModule(L.LightningDataModule):
             self.stride,
             self.keep_document_boundaries,
         ]
-        text = json.dumps([rows._fingerprint, options], sort_keys=True, default=str)
-        key = hashlib.sha256(text.encode()).hexdigest()[:16]
-        folder = Path(self.cache_dir or datasets.config.HF_DATASETS_CACHE) / "lorafit_tokenized"
-        folder.mkdir(parents=True, exist_ok=True)
-        hit = any(folder.glob(f"{key}*.arrow"))
-        t0 = time.perf_counter()
-        out = rows.map(
-            fn,
-            batched=is_text,
-            remove_columns=remove,
-            features=FEATURES,
-            cache_file_name=str(folder / f"{key}.arrow"),
-            new_fingerprint=key,
-            load_from_cache_file=True,
-            num_proc=self.num_proc,
-            desc=f"Tokenizing {split}",
-        )
-        log.info(
-            "Data %s: %d rows %s in %.2f s (key %s, %s)",
-            split,
-            len(out),
-            "read from the tokenization cache" if hit else "tokenized",
-            time.perf_counter() - t0,
-            key,
-            folder,
-        )
-        return out, key, hit
-
-    @staticmethod
-    def keep_usable(tok, counts: Counter):
-        """Count skip reasons, truncations and dropped tail tokens; return the usable rows."""
-        skips = tok["skip"]
-        counts.update(f"skipped_{s}" for s in skips if s and s != "tail")
-        counts["truncated"] += sum(tok["truncated"])
-        counts["dropped_tail_tokens"] += sum(tok["dropped"])
-        keep = [i for i, s in enumerate(skips) if not s]
-        return tok.select(keep) if len(keep) < len(tok) else tok
+        try:
+            return cached_map(
+                rows, fn, is_text, remove, options, self.cache_dir, self.num_proc, split
+            )
+        except DataError as e:  # a row that cannot be encoded: `encode_chat_row` names the row
+            raise DataError(f"{self.where()}: {e}") from None
 
     # -- Lightning hooks --------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        log_padding(self.tokenizer)
         splits, skipped, name = self.load_raw()
         train_rows, val_rows = self.split_rows(splits)
         fmt = self.detect(train_rows)
@@ -309,7 +302,7 @@ class ChatDataModule(L.LightningDataModule):
         counts = Counter({f"skipped_{k}": v for k, v in skipped.items()})
         train, train_key, train_hit = self.tokenize(train_rows, convert, is_text, "train")
         val, val_key, val_hit = self.tokenize(val_rows, convert, is_text, "val")
-        self.val_set = self.keep_usable(val, counts).select_columns(["input_ids", "labels"])
+        self.val_set = keep_usable(val, counts).select_columns(["input_ids", "labels"])
         self.sample_prompts = [] if is_text else self.samples(val_rows, convert)
         self.stats = {"dataset": name, "format": fmt, "template": template}
         if self.streaming:
@@ -323,7 +316,17 @@ class ChatDataModule(L.LightningDataModule):
             self.stats |= {"streaming": True, "val_examples": len(self.val_set)}
             log.info("Data (streaming; training rows are counted as they are read): %s", self.stats)
             return
-        train = self.keep_usable(train, counts)
+        usable = keep_usable(train, counts)
+        if not is_text:
+            cut = {"train": (train, train_rows), "validation": (val, val_rows)}
+            where = self.where()
+            if self.source == "chatterbot":
+                where += " (conversations numbered after repeats were removed)"
+            check_cut_answers(
+                cut, len(usable), len(self.val_set), counts, self.max_length, self.rows_read,
+                where, one_numbering=self.split_names[1] is None,
+            )  # fmt: skip
+        train = usable
         self.train_lengths = train["length"]
         self.train_set = train.select_columns(["input_ids", "labels"])
         if not is_text:
@@ -359,29 +362,37 @@ class ChatDataModule(L.LightningDataModule):
             if len(out) >= self.num_samples:
                 break
             try:
-                msgs = convert(row)
+                msgs, _ = drop_opening_turns(convert(row))
             except Skip:
                 continue
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             out.append((msgs[:last], msgs[last]["content"]))
         return out
 
-    def _loader(self, data, batch_size: int, sampler=None) -> DataLoader:
+    # -- loaders ---------------------------------------------------------------------------------
+
+    accumulate = 1  # micro-batches per optimizer step (train.py: trainer.accumulate_grad_batches)
+
+    def _loader(self, data, batch_size: int) -> DataLoader:
         return DataLoader(
             data,
             batch_size=batch_size,
-            sampler=sampler,
             collate_fn=lm_collator(self.tokenizer),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepLoader | StreamSteps:
+        """One optimizer step per item: a batch of `batch_size`, or with `accumulate` > 1 the
+        list of the step's micro-batches, length-grouped and split over devices by `StepSampler`."""
+        collate = lm_collator(self.tokenizer)
         if self.streaming:
-            return self._loader(self.train_set.shuffle(seed=self.seed), self.batch_size)
-        sampler = LengthGroupedSampler(
-            self.train_lengths, group=self.batch_size * 16, seed=self.seed
+            stream = self.train_set.shuffle(seed=self.seed)
+            return StreamSteps(stream, self.batch_size, self.accumulate, collate, self.num_workers)
+        share = device_share(self.trainer)  # the trainer is None outside a fit
+        sampler = StepSampler(
+            self.train_lengths, self.batch_size, self.accumulate, self.seed, **share
         )
-        return self._loader(self.train_set, self.batch_size, sampler)
+        return StepLoader(self.train_set, sampler, collate, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size)

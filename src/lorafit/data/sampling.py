@@ -1,35 +1,174 @@
-"""Orders and splits: length-grouped batches (little padding) and label-stratified splits."""
+"""Orders and splits: length-grouped optimizer steps (little padding, resumable mid-epoch) and
+label-stratified splits.
+
+A training loader here yields one optimizer step per item: the step's batch, or with gradient
+accumulation the list of its micro-batches, so the task can normalise the loss by everything the
+step holds before its first backward pass (`lorafit.tasks.base`).
+"""
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import datasets
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader
+
+Step = Any  # a collated batch (dict of tensors), or the list of a step's micro-batches
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled order in which neighbours have similar lengths, so batches carry little padding.
+class StepSampler:
+    """Length-grouped order cut into optimizer steps: for each step, this rank's micro-batches.
 
-    Indices are shuffled (seed + epoch), cut into chunks of `group` indices, and each chunk is
-    sorted by length; the idea of transformers' `group_by_length`. Lightning wraps it for DDP.
+    Indices are shuffled (seed + epoch), cut into chunks of 16 global steps, and each chunk sorted
+    longest first (the idea of transformers' `group_by_length`), so neighbours have similar lengths.
+    The order is then cut into global steps of `batch_size x accumulate x world_size` examples,
+    and each step into micro-batches of `batch_size`; rank r takes micro-batches r, r + W, ...
+    Every rank computes the same order from the seed, so the examples of a step do not depend on
+    how it is split over micro-batches and devices; nothing is shared and nothing needs wrapping in
+    a `DistributedSampler` (which would shuffle the grouping away). With one device the last step
+    may be short; with several it is dropped, so that every rank runs the same steps.
+
+    Args:
+        lengths: tokens per example.
+        batch_size: examples per micro-batch; `accumulate` micro-batches per step on each of
+            `world_size` devices; `rank` is this device's.
+        seed: shuffle seed; epoch e shuffles with seed + e (`set_epoch`, which Lightning calls).
     """
 
-    def __init__(self, lengths: list[int], group: int, seed: int):
-        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        accumulate: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.lengths, self.batch_size, self.accumulate = lengths, batch_size, accumulate
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.step_size = batch_size * accumulate * world_size  # examples per global step
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        """Optimizer steps per epoch."""
+        n = len(self.lengths)
+        return math.ceil(n / self.step_size) if self.world_size == 1 else n // self.step_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[list[int]]]:
         idx = list(range(len(self.lengths)))
         random.Random(self.seed + self.epoch).shuffle(idx)
-        for i in range(0, len(idx), self.group):
-            yield from sorted(idx[i : i + self.group], key=lambda j: -self.lengths[j])
+        group = self.step_size * 16
+        order = [
+            j
+            for i in range(0, len(idx), group)
+            for j in sorted(idx[i : i + group], key=lambda j: -self.lengths[j])
+        ]
+        b = self.batch_size
+        for s in range(len(self)):
+            step = order[s * self.step_size : (s + 1) * self.step_size]
+            micro = [step[i : i + b] for i in range(0, len(step), b)]
+            yield micro[self.rank :: self.world_size]
+
+
+def device_share(trainer) -> dict[str, int]:
+    """`StepSampler`'s `rank` and `world_size` from a Lightning trainer (None: one device)."""
+    if trainer is None:
+        return {"rank": 0, "world_size": 1}
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size}
+
+
+class StepLoader:
+    """A map-style data set's optimizer steps in `StepSampler` order, resumable mid-epoch.
+
+    Each item is one step: a collated batch, or with `accumulate > 1` the list of the step's
+    micro-batches, each padded on its own. Lightning treats it as a sized iterable that is not a
+    `DataLoader`: it wraps nothing, fetches one item per training step (no read-ahead for a
+    loader with a length, so `state_dict()` counts exactly the steps trained) and calls
+    `sampler.set_epoch` before each epoch. The task module keeps `state_dict()` in checkpoints
+    and gives it back to `load_state_dict` before a resumed fit's first step, so the run goes on
+    with the step after the last one trained.
+
+    Args:
+        data: indexable examples (a `datasets.Dataset` or a list of dicts).
+        sampler: the step order.
+        collate_fn: examples -> a batch, as for `DataLoader`; `num_workers` likewise.
+    """
+
+    def __init__(self, data, sampler: StepSampler, collate_fn: Callable, num_workers: int = 0):
+        self.data, self.sampler, self.collate_fn = data, sampler, collate_fn
+        self.num_workers = num_workers
+        self.epoch, self.steps_done = 0, 0  # steps handed out in `epoch`
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.steps_done if self.epoch == self.sampler.epoch else 0
+        return {"epoch": self.sampler.epoch, "steps_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.epoch, self.steps_done = state["epoch"], state["steps_done"]
+
+    def __iter__(self) -> Iterator[Step]:
+        steps = list(self.sampler)
+        resume = self.epoch == self.sampler.epoch and self.steps_done < len(steps)
+        start = self.steps_done if resume else 0  # a finished epoch iterated again starts over
+        self.epoch, self.steps_done = self.sampler.epoch, start
+        micro = iter(
+            DataLoader(
+                self.data,
+                batch_sampler=[m for step in steps[start:] for m in step],
+                collate_fn=self.collate_fn,
+                num_workers=self.num_workers,
+            )
+        )
+        for step in steps[start:]:
+            batches = [next(micro) for _ in step]
+            self.steps_done += 1
+            yield batches if self.sampler.accumulate > 1 else batches[0]
+
+
+class StreamSteps:
+    """A stream's optimizer steps: `accumulate` micro-batches of `batch_size` rows (fewer at the
+    end). `sampler` is the `datasets.IterableDataset` itself, so Lightning's `set_epoch` reaches
+    its shuffle (seed + epoch). Not resumable mid-epoch: a resumed run restarts the stream.
+    """
+
+    def __init__(
+        self,
+        stream: datasets.IterableDataset,
+        batch_size: int,
+        accumulate: int,
+        collate_fn: Callable,
+        num_workers: int = 0,
+    ):
+        self.sampler, self.batch_size, self.accumulate = stream, batch_size, accumulate
+        self.collate_fn, self.num_workers = collate_fn, num_workers
+
+    def __iter__(self) -> Iterator[Step]:
+        loader = DataLoader(
+            self.sampler,
+            batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+        )
+        if self.accumulate == 1:
+            yield from loader
+            return
+        step = []
+        for batch in loader:
+            step.append(batch)
+            if len(step) == self.accumulate:
+                yield step
+                step = []
+        if step:
+            yield step
 
 
 def stratified_split(labels: list, fractions: dict[str, float], seed: int) -> dict[str, list[int]]:

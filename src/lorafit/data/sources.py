@@ -6,10 +6,12 @@ One key, `data.path`, names a local file, folder or glob, or a hub id (`load_spl
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ BUILDERS = {
     ".md": ("text", {}),
 }
 
+INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # an integer as written, no leading zeros
+
 # -------------------------------------------------------------------------------------------------
 # Loading
 
@@ -53,6 +57,10 @@ def load_splits(
     separator, `.txt` -> text, ...); a folder written by `save_to_disk` is read with
     `load_from_disk`; any other folder, a builder name (`json` with `data_files`) or a hub id goes
     to `load_dataset` as it is, which infers the rest.
+
+    CSV / TSV cells are read as the text they hold (`csv_as_text`): `12` stays `12`, not `12.0`
+    when a cell of its column is blank; `007` stays `007`; `null`, `NA` and `nan` stay text; a
+    blank cell is the empty string.
 
     Raises:
         DataError: nothing matches `path`, or `datasets` cannot read it (names `key`, the config
@@ -91,6 +99,8 @@ def load_splits(
         )
     else:
         args = (str(local) if local.is_dir() else path, name)
+    if args[0] == "csv":
+        kwargs.update(csv_as_text(kwargs.get("data_files"), kwargs.get("sep", ",")))
     try:
         splits = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
@@ -106,6 +116,34 @@ def load_splits(
     if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
         splits = {"train": splits}
     return splits
+
+
+def _local_files(files: Any) -> list[Path]:
+    """The paths named by a `data_files` value (a string, list, or dict of either)."""
+    if isinstance(files, str | os.PathLike):
+        return [Path(files)]
+    if isinstance(files, dict):
+        return [p for v in files.values() for p in _local_files(v)]
+    return [Path(f) for f in files or []]
+
+
+def csv_as_text(files: Any, sep: str = ",") -> dict[str, Any]:
+    """Keyword arguments for datasets' csv builder that read every cell as the text it holds.
+
+    Without them pandas infers each column's type (a number column with one blank cell turns `12`
+    into `12.0`; `007` into `7`) and reads `null`, `NA`, `nan`, `N/A` and blanks as missing. The
+    columns come from the first local file's header line; when no local file is named (remote
+    files, patterns in `data.data_files`) only the missing-value markers are turned off.
+    """
+    kwargs: dict[str, Any] = {"keep_default_na": False, "na_filter": False}
+    first = next((p for p in _local_files(files) if p.is_file()), None)
+    if first is None:
+        return kwargs
+    with first.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])
+    if header and len(set(header)) == len(header):  # pandas renames repeated names (`a.1`)
+        kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
+    return kwargs
 
 
 def first_bad_json_line(files: Any) -> str | None:
@@ -210,11 +248,13 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
 
 
 def read_table(path: str | os.PathLike, text_column: str, label_column: str, key: str):
-    """Read a table's text and label columns; rows are loaded by `lorafit.formats.load_splits`.
+    """Read a table's text and label columns; rows are loaded by `load_splits`.
 
     So a CSV / TSV / JSONL / parquet file, a glob, a `save_to_disk` folder or a hub id all work;
-    of several splits the `train` one is read. Rows with an empty text or no label are skipped and
-    counted (`skipped_empty_text`, `skipped_missing_label`).
+    of several splits the `train` one is read. Texts are read as written (CSV cells are text).
+    Labels that are all integers written as text (`0`, `12`, as a CSV holds them) become ints;
+    any other label set stays as it is (`007` and `7` are two labels). Rows with an empty text or
+    no label are skipped and counted (`skipped_empty_text`, `skipped_missing_label`).
 
     Args:
         path: the file (or glob, folder, hub id).
@@ -255,4 +295,6 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, key
         else:
             texts.append(str(text))
             labels.append(label.strip() if isinstance(label, str) else label)
+    if labels and all(isinstance(y, str) and INTEGER.fullmatch(y) for y in labels):
+        labels = [int(y) for y in labels]
     return texts, labels, skipped

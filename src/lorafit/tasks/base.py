@@ -4,10 +4,16 @@ and schedule, timing, and checkpoints that hold trainable tensors only.
 A task is a subclass (`tasks/causal_lm.py`, `tasks/classification.py`) that adds its loss and
 metrics and says, through class attributes, how `lorafit.train` builds and saves it; the `task`
 config group names the subclass (`_target_`), so adding a task is one module and one YAML file.
+
+One training batch is one optimizer step (`lorafit.data.sampling.StepLoader`): the module steps the
+optimizer itself (Lightning's manual optimization), because a step's loss is divided by the
+supervised count of the whole step (all micro-batches, all devices), which Lightning's automatic
+accumulation cannot know before the first micro-batch's backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -49,16 +55,32 @@ def warmup_schedule(
     )
 
 
+def dropout_rates(model: nn.Module) -> list[float]:
+    """The distinct nonzero dropout probabilities that act in `model`'s current mode: its
+    `nn.Dropout` modules in train mode (LoRA's, BERT's) and a config's `attention_dropout`
+    (Llama's, applied functionally in training). Empty: training runs without dropout."""
+    rates = {m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0}
+    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    if attention > 0 and model.training:
+        rates.add(float(attention))
+    return sorted(rates)
+
+
 class LoRAModule(L.LightningModule):
-    """Frozen transformers model + LoRA layers; subclasses add `training_step` and validation.
+    """Frozen transformers model + LoRA layers; subclasses add their loss and validation.
 
     Only parameters with `requires_grad` (the LoRA matrices after `inject_lora`, and a task's new
     head) reach the optimizer and the checkpoints; resuming loads them back onto the same base.
+
+    A subclass defines `summed_loss(batch)` (its loss summed over the units it averages over:
+    supervised tokens, examples) and `loss_count(batch)` (how many units); `training_step` here
+    turns them into one optimizer step.
 
     Class attributes (what `lorafit.train` reads before the module exists):
         name: the task's name (`causal_lm`), also the `lorafit.models.AUTO_CLASSES` key.
         peft_task_type: PEFT's `task_type` written in `adapter_config.json`.
         loss_label: y-axis label of `loss_curve.png`.
+        loss_unit: what the loss is a mean over (`supervised tokens`), for the log.
         heads: last names of new output modules trained fully and saved whole (PEFT's
             `modules_to_save`).
 
@@ -66,11 +88,14 @@ class LoRAModule(L.LightningModule):
         model: a transformers model whose LoRA layers are already injected.
         optimizer: partial optimizer (`_partial_: true` config), called with the trainable params.
         scheduler: partial schedule called with `optimizer` and `num_training_steps`, or None.
+        gradient_clip_val: clip the gradient norm of each step to this (None or 0: no clipping);
+            `trainer.gradient_clip_val`, which Lightning refuses under manual optimization.
     """
 
     name: ClassVar[str] = ""
     peft_task_type: ClassVar[str] = ""
     loss_label: ClassVar[str] = "loss"
+    loss_unit: ClassVar[str] = "examples"
     heads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -78,15 +103,22 @@ class LoRAModule(L.LightningModule):
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., LRScheduler] | None = None,
+        gradient_clip_val: float | None = None,
     ):
         super().__init__()
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = False  # training_step runs the optimizer step (see above)
         self.val_loss = MeanMetric()  # weighted by what the task's loss averages over
         self.strict_loading = False  # checkpoints hold trainable tensors only; checked below
-        # Totals over training batches (forward + backward + optimizer), for metrics.json.
+        # Totals over training steps (forward + backward + optimizer), for metrics.json; they go
+        # into checkpoints, so a resumed run counts the whole run.
         self.train_tokens, self.train_time = 0, 0.0
-        self._t_batch = 0.0
+        self._saved_at_step = -1  # global step of the last checkpoint this module was saved in
+        self._stop_checkpoint: dict | None = None  # last.ckpt as saved at the stopping step
+        self._saving_stop = False
+        self._train_loader_state: dict | None = None  # from a checkpoint, for on_train_start
 
     # -- what train.py asks of a task ------------------------------------------------------------
 
@@ -110,15 +142,59 @@ class LoRAModule(L.LightningModule):
         """(B, T) ids and mask -> the model's logits ((B, T, V) for a causal LM, (B, C) classes)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._t_batch = time.perf_counter()
+    def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss on `batch`, summed (not averaged) over its `loss_count` units."""
+        raise NotImplementedError
 
-    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        seconds = time.perf_counter() - self._t_batch
-        tokens = int(batch["attention_mask"].sum())  # non-padding tokens
+    @staticmethod
+    def loss_count(batch: dict[str, torch.Tensor]) -> int:
+        """How many units (supervised tokens, examples) the task's loss averages over in `batch`."""
+        raise NotImplementedError
+
+    def training_step(self, step: dict | list[dict], batch_idx: int) -> torch.Tensor:
+        """One optimizer step on `step`: a batch, or the list of the step's micro-batches.
+
+        The loss is the sum over the step's units on every micro-batch and device divided by
+        their total N (transformers' `num_items_in_batch`), so splitting a step over micro-batches
+        or devices leaves it unchanged. Each micro-batch backpropagates sum_i * W / N on each of W
+        devices, as DDP averages gradients over devices; gradients are synchronised once, on the
+        last micro-batch's backward pass. Logs `train/loss`, the step's N-weighted mean (the same
+        kind of mean as `val/loss`), and returns it.
+        """
+        t0 = time.perf_counter()
+        batches = step if isinstance(step, list) else [step]
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        count = torch.tensor(sum(self.loss_count(b) for b in batches), device=self.device)
+        total = int(strategy.reduce(count, reduce_op="sum"))  # N, over all devices
+        no_sync = getattr(strategy.model, "no_sync", None)  # DDP / FSDP: skip the gradient sync
+        summed = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self.summed_loss(batch)
+                self.manual_backward(loss / (max(total, 1) / world))
+            summed += loss.detach()
+        optimizer = self.optimizers()
+        optimizer.step()  # clips first: on_before_optimizer_step
+        optimizer.zero_grad()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        mean = strategy.reduce(summed, reduce_op="sum") / max(total, 1)
+        self.log("train/loss", mean, prog_bar=True, batch_size=max(total, 1))
+
+        seconds = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # non-padding tokens
         self.train_tokens += tokens
         self.train_time += seconds
         self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True)
+        return mean
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Here, not in training_step: with float16 mixed precision the gradients are unscaled
+        # by now, as Lightning's own clipping has them.
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -137,7 +213,40 @@ class LoRAModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # -- checkpoints: trainable tensors only ------------------------------------------------------
+    # -- checkpoints: trainable tensors only; last.ckpt at the step where training stopped --------
+
+    def _last_checkpoint_path(self) -> str | None:
+        """Where a `save_last` checkpoint callback writes last.ckpt; None without one."""
+        if self.trainer.fast_dev_run:  # Lightning saves no checkpoints then
+            return None
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "save_last", False) and callback.dirpath:
+                return callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
+        return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The step where training stops (max_steps, or a callback's stop such as max_time): save
+        # last.ckpt here, with the loops inside the epoch. Lightning's own save at the end of fit
+        # comes after it has marked the epoch finished, and a run resumed from that checkpoint
+        # would skip the rest of the epoch.
+        trainer, path = self.trainer, self._last_checkpoint_path()
+        if path and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
+            self._saving_stop = True
+            trainer.save_checkpoint(path)
+
+    def on_train_end(self) -> None:
+        # Runs after the callbacks' on_train_end, where ModelCheckpoint may have overwritten the
+        # stop step's last.ckpt, or left a stale one (it saves at the end only if it saved nothing
+        # earlier in the fit, e.g. with every_n_train_steps).
+        path = self._last_checkpoint_path()
+        if path is None:
+            return
+        if self._stop_checkpoint is not None:
+            self.trainer.strategy.save_checkpoint(self._stop_checkpoint, path)
+            self.trainer.strategy.barrier("last.ckpt")
+            self._stop_checkpoint = None
+        elif self._saved_at_step != self.trainer.global_step:
+            self.trainer.save_checkpoint(path)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state restricted to trainable parameters (Lightning's key names)."""
@@ -148,6 +257,13 @@ class LoRAModule(L.LightningModule):
         # The frozen base is reloaded from its own files; keeping it out makes a checkpoint of the
         # SmolLM2 default ~10 MB instead of ~540 MB.
         checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["lorafit"] = {"train_tokens": self.train_tokens, "train_time": self.train_time}
+        loader = self.trainer.train_dataloader
+        if callable(getattr(loader, "state_dict", None)):  # lorafit.data.sampling.StepLoader
+            checkpoint["lorafit"]["train_loader"] = loader.state_dict()
+        self._saved_at_step = self.trainer.global_step
+        if self._saving_stop:  # kept, for on_train_end
+            self._stop_checkpoint, self._saving_stop = checkpoint, False
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = set(self.trainable_state_dict())
@@ -160,3 +276,17 @@ class LoRAModule(L.LightningModule):
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. "
                 "Resume with the same model and lora config the checkpoint was trained with."
             )
+        totals = checkpoint.get("lorafit", {})
+        self.train_tokens = totals.get("train_tokens", 0)
+        self.train_time = totals.get("train_time", 0.0)
+        self._train_loader_state = totals.get("train_loader")
+
+    def on_train_start(self) -> None:
+        # The train loader's position (epoch, steps done) goes back in here, before its first
+        # batch. Lightning saves it too (the fit loop's `combined_loader`) but loads it only into
+        # a loader built after the checkpoint is read, and a schedule sized by
+        # `estimated_stepping_batches` builds the loader before that.
+        loader, state = self.trainer.train_dataloader, self._train_loader_state
+        if state is not None and callable(getattr(loader, "load_state_dict", None)):
+            loader.load_state_dict(state)
+        self._train_loader_state = None

@@ -9,15 +9,24 @@ from lorafit.data.encoding import IGNORE_INDEX
 from lorafit.tasks.base import LoRAModule
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """How many positions of (B, T) `labels` are next-token targets: labelled, and not the first
+    position (nothing predicts it)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy over labelled positions.
 
     Args:
         logits: (B, T, V) scores for the token after each position.
         labels: (B, T) target ids, `IGNORE_INDEX` (-100) where no loss is taken.
+        reduction: `mean` (per supervised token) or `sum` (over the supervised tokens).
 
     Returns:
-        (mean loss per supervised token in nats, number of supervised tokens N).
+        (loss in nats, number of supervised tokens N).
 
     Only the N labelled rows are upcast to float32 ((N, V), not (B, T, V)): with a 49k vocabulary
     and answers that are a fraction of each conversation, this is most of the loss's memory.
@@ -27,22 +36,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     n = int(keep.sum())
     picked = logits[:, :-1][keep].float()  # (N, V)
     loss = F.cross_entropy(picked, shift_labels[keep], reduction="sum")
-    return loss / max(n, 1), n
+    return (loss if reduction == "sum" else loss / max(n, 1)), n
 
 
 class CausalLMModule(LoRAModule):
-    """A causal LM (`AutoModelForCausalLM`) trained on `causal_lm_loss`; `val/loss` is the mean
-    over every supervised validation token (weighted by each batch's token count)."""
+    """A causal LM (`AutoModelForCausalLM`) trained on `causal_lm_loss`: each optimizer step on
+    the mean over all its supervised tokens; `val/loss` is the mean over every supervised
+    validation token (weighted by each batch's token count)."""
 
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
     loss_label = "loss per supervised token (nats)"
+    loss_unit = "supervised tokens"
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss, _ = causal_lm_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return causal_lm_loss(logits, batch["labels"], reduction="sum")[0]
+
+    @staticmethod
+    def loss_count(batch: dict[str, torch.Tensor]) -> int:
+        return supervised_tokens(batch["labels"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

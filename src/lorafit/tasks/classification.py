@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 )
 
 from lorafit.models import label_kwargs
-from lorafit.runinfo import write_figure
+from lorafit.runinfo import readable_ticks, write_figure
 from lorafit.tasks.base import LoRAModule
 
 log = logging.getLogger(__name__)
@@ -73,27 +73,31 @@ class ClassificationModule(LoRAModule):
 
     Args:
         model: a transformers sequence classifier (LoRA injected, head trainable).
-        optimizer, scheduler: as for LoRAModule.
+        optimizer, scheduler, gradient_clip_val: as for LoRAModule.
     """
 
     name = "classification"
     peft_task_type = "SEQ_CLS"
     loss_label = "cross-entropy per example (nats)"
-    heads = ("classifier", "score")  # PEFT adds these to modules_to_save itself for SEQ_CLS
+    # New output modules, trained whole and saved as modules_to_save: BERT/RoBERTa `classifier`
+    # (RoBERTa's holds dense + out_proj), decoders' `score`, DistilBERT's new `pre_classifier`.
+    heads = ("classifier", "score", "pre_classifier")
 
-    def __init__(self, model: nn.Module, optimizer, scheduler=None):
-        super().__init__(model, optimizer, scheduler)
+    def __init__(self, model: nn.Module, optimizer, scheduler=None, gradient_clip_val=None):
+        super().__init__(model, optimizer, scheduler, gradient_clip_val)
         n = model.config.num_labels
         self.label_names = [str(model.config.id2label[i]) for i in range(n)]
         self.metrics = nn.ModuleDict({s: classification_metrics(n) for s in ("val", "test")})
         self.test_loss = MeanMetric()  # per-example mean; val_loss is LoRAModule's
         self.results: dict[str, dict[str, Any]] = {}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])  # (B, C)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @staticmethod
+    def loss_count(batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"])
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, C)
@@ -149,16 +153,24 @@ class ClassificationModule(LoRAModule):
 
 
 def plot_confusion_matrix(confusion: list[list[int]], names: list[str], path: Path, title: str):
-    """Confusion matrix (rows true, columns predicted) with counts in the cells, saved as PNG."""
+    """Confusion matrix (rows true, columns predicted) with counts in the cells, saved as PNG.
+
+    The colour scale runs from 0 to the largest count in whole numbers, so equal counts are not
+    stretched over a scale of fractions around them.
+
+    Returns:
+        The matplotlib figure (saved and closed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.1 * n + 2.5, 1.1 * n + 1.8))
-    im = ax.imshow(confusion, cmap="Blues")
     top = max(max(row) for row in confusion) or 1
+    im = ax.imshow(confusion, cmap="Blues", vmin=0, vmax=top)
     for i in range(n):
         for j in range(n):
             color = "white" if confusion[i][j] > top / 2 else "black"
@@ -166,6 +178,8 @@ def plot_confusion_matrix(confusion: list[list[int]], names: list[str], path: Pa
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046, ticks=MaxNLocator(nbins=5, integer=True))
+    readable_ticks(fig)
     fig.tight_layout()
     write_figure(fig, path)
+    return fig

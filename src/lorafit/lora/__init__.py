@@ -2,9 +2,8 @@
 
 ``y = W x + (B A x) * scaling`` with ``A: (r, in)``, ``B: (out, r)``. Everything else here
 (trainability, state dict, parameter counts, merging) is one walk over :class:`LoRALinear` modules.
-Target matching follows PEFT: a list entry matches a module name exactly or as a ``.``-suffix, a
-string is a regex that must match the whole name, and ``"all-linear"`` means every Linear layer but
-the output head.
+Which layers are targets (PEFT's matching rules, task heads, tied output heads) is
+:mod:`lorafit.lora.targets`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,12 +20,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafit.lora.targets import (
+    ALL_LINEAR,
+    HEAD_NAMES,
+    Targets,
+    TiedEmbeddingsError,
+    find_targets,
+    is_under,
+    matches,
+    untie_output_head,
+)
+
+__all__ = [  # with the names of lorafit.lora.targets, re-exported here
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRAReport",
+    "count_params",
+    "disable_lora",
+    "inject_lora",
+    "lora_modules",
+    "lora_parameters",
+    "lora_report",
+    "lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
+    "unwrap_lora",
+    "ALL_LINEAR",
+    "HEAD_NAMES",
+    "Targets",
+    "TiedEmbeddingsError",
+    "find_targets",
+    "is_under",
+    "matches",
+    "untie_output_head",
+]
+
 logger = logging.getLogger(__name__)
-
-ALL_LINEAR = "all-linear"
-HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads that "all-linear" leaves alone
-
-Targets = str | Sequence[str]
 
 
 class LoRALinear(nn.Module):
@@ -140,64 +169,12 @@ class LoRAReport:
         )
 
 
-def matches(name: str, targets: Targets) -> bool:
-    """PEFT's rule: a regex string matches ``name`` fully; a list entry exactly or as a suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first key matching a ``.``-suffix."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def _not_found(entry: str, spec: Targets, model: nn.Module, linear: list[str]) -> ValueError:
-    other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if matches(n, spec)]
-    hint = f" It matches only non-Linear modules: {', '.join(other[:3])}." if other else ""
-    last = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
-    return ValueError(
-        f"lora.target_modules entry {entry!r} matches no nn.Linear layer of "
-        f"{type(model).__name__}.{hint} Its Linear layers are: {last}. Set "
-        "lora.target_modules=[...] to some of these names (an exact module name or its last "
-        "part), to a regex string that fully matches module names, or to 'all-linear'."
-    )
-
-
-def find_targets(
-    model: nn.Module, target_modules: Targets, exclude_modules: Targets | None = None
-) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``target_modules`` selects, in model order.
-
-    Raises:
-        ValueError: A list entry or a regex matches no Linear layer, or nothing is left to wrap.
-    """
-    modules = dict(model.named_modules())
-    linear = [n for n, m in modules.items() if n and isinstance(m, nn.Linear)]
-    if target_modules == ALL_LINEAR:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [
-            n for n in linear if modules[n] is not head and n.rsplit(".", 1)[-1] not in HEAD_NAMES
-        ]
-    else:
-        entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        if not entries:
-            raise ValueError("lora.target_modules is empty; name at least one module.")
-        for entry in entries:
-            spec = entry if isinstance(target_modules, str) else [entry]
-            if not any(matches(n, spec) for n in linear):
-                raise _not_found(entry, spec, model, linear)
-        names = [n for n in linear if matches(n, target_modules)]
-    if exclude_modules:
-        names = [n for n in names if not matches(n, exclude_modules)]
-    if not names:
-        raise ValueError(
-            f"lora.exclude_modules={exclude_modules!r} removes every target; nothing to adapt."
-        )
-    return names
 
 
 def _check_hparams(r: object, lora_alpha: object, lora_dropout: float, key: str = "lora.r") -> None:
@@ -219,6 +196,8 @@ def inject_lora(
     exclude_modules: Targets | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    untie_embeddings: bool = False,
 ) -> LoRAReport:
     """Freeze ``model`` and replace the targeted ``nn.Linear`` layers by :class:`LoRALinear`.
 
@@ -232,20 +211,27 @@ def inject_lora(
         exclude_modules: Same forms as ``target_modules``; matches are not wrapped.
         rank_pattern: PEFT's per-module rank overrides ``{regex suffix: r}``.
         alpha_pattern: PEFT's per-module alpha overrides ``{regex suffix: alpha}``.
+        modules_to_save: Modules trained whole (a task's new head): no LoRA in or under them.
+        untie_embeddings: Let a target be an output head tied to the input embedding (an error
+            otherwise) by first giving the head its own weight.
 
     Returns:
         A :class:`LoRAReport` of the wrapped modules and parameter counts.
 
     Raises:
-        ValueError: Bad hyperparameters, a target that matches nothing, or LoRA already injected.
+        ValueError: Bad hyperparameters, a target that matches nothing, LoRA already injected, or
+            a tied output head targeted without ``untie_embeddings``.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
+    if not isinstance(use_rslora, bool):  # a string "false" would switch rsLoRA on
+        raise ValueError(f"lora.use_rslora must be true or false, got {use_rslora!r}.")
     if next(lora_modules(model), None) is not None:
         raise ValueError(
             f"{type(model).__name__} already has LoRA layers; inject into a fresh model, or call "
             "unwrap_lora(model) first."
         )
-    names = find_targets(model, target_modules, exclude_modules)
+    names = find_targets(model, target_modules, exclude_modules, modules_to_save)
+    untie_output_head(model, names, untie_embeddings)
     plan = {
         n: (_pattern_value(rank_pattern, n, r), _pattern_value(alpha_pattern, n, lora_alpha))
         for n in names
@@ -280,28 +266,37 @@ def inject_lora(
 class LoRAConfig:
     """The `lora` config group (instantiated from `conf/lora/*.yaml`): `inject_lora`'s arguments.
 
-    `target_modules=None` (`lora=none`) means no LoRA: full fine-tuning of every weight. Field
-    names and meanings are PEFT's `LoraConfig` ones; see :func:`inject_lora`.
+    The defaults are `conf/lora/default.yaml`'s, so a `lora` file that sets only some fields
+    (`r: 4`) means the default LoRA with those changed. `target_modules=None` (`lora=none`) means
+    no LoRA: full fine-tuning of every weight. Field names and meanings are PEFT's `LoraConfig`
+    ones; see :func:`inject_lora`.
     """
 
     r: int | None = 8
     lora_alpha: float | None = 16
-    lora_dropout: float = 0.0
-    target_modules: Targets | None = None
+    lora_dropout: float = 0.05
+    target_modules: Targets | None = ("q_proj", "k_proj", "v_proj", "o_proj")
     exclude_modules: Targets | None = None
     use_rslora: bool = False
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    untie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):  # the default, as the list a config gives
+            self.target_modules = list(self.target_modules)
 
     @property
     def full_finetune(self) -> bool:
         """True when no layer is targeted: train the whole model instead."""
         return self.target_modules is None
 
-    def inject(self, model: nn.Module) -> LoRAReport:
-        """`inject_lora(model, ...)` with these fields. Raises what `inject_lora` raises."""
-        fields = {k: v for k, v in vars(self).items()}
-        return inject_lora(model, **fields)
+    def inject(self, model: nn.Module, modules_to_save: Sequence[str] | None = None) -> LoRAReport:
+        """`inject_lora(model, ...)` with these fields and the task's heads (`modules_to_save`,
+        kept free of LoRA). Raises what `inject_lora` raises."""
+        fields = dict(vars(self), untie_embeddings=self.untie_word_embeddings)
+        del fields["untie_word_embeddings"]
+        return inject_lora(model, **fields, modules_to_save=modules_to_save)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -1,7 +1,8 @@
 """Save and load LoRA adapters in PEFT's on-disk format.
 
-A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields only, so PEFT reads it without
-warnings), ``lorafit.json`` (lorafit's own metadata: config hash, versions, label names; returned
+A folder holds ``adapter_config.json`` (the PEFT ``LoraConfig`` fields that differ from PEFT's
+defaults, so PEFT releases back to 0.12 read it; read strictly by :mod:`.peft_config`),
+``lorafit.json`` (lorafit's own metadata: config hash, versions, label names; returned
 under ``"lorafit"`` by :func:`read_adapter_config`) and ``adapter_model.safetensors``, whose keys
 read ``base_model.model.<module>.lora_A.weight``, so ``peft.PeftModel.from_pretrained`` loads it and
 :func:`load_adapter` loads folders that PEFT wrote.
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,41 +24,43 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from lorafit.adapters.peft_config import (
+    CONFIG_NAME,
+    EXTRA_NAME,
+    PEFT_DEFAULTS,
+    read_adapter_config,
+)
 from lorafit.lora import (
     ALL_LINEAR,
     LoRALinear,
     inject_lora,
+    is_under,
     lora_modules,
+    lora_parameters,
     lora_state_dict,
     matches,
     unwrap_lora,
 )
 from lorafit.runinfo import atomic_write, staged_dir
 
+__all__ = [  # with the names of lorafit.adapters.peft_config, re-exported here
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
+    "load_adapter",
+    "save_adapter",
+    "CONFIG_NAME",
+    "EXTRA_NAME",
+    "PEFT_DEFAULTS",
+    "read_adapter_config",
+]
+
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-EXTRA_NAME = "lorafit.json"  # lorafit metadata, kept out of PEFT's config
 PEFT_PREFIX = "base_model.model."
 # PEFT writes "<module>.lora_A.weight"; some versions keep the adapter name
 # (".lora_A.default.weight").
 _PEFT_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<param>lora_[AB])(?:\.[^.]+)?\.weight")
-# PEFT LoraConfig fields lorafit cannot honour, with the value that means "off".
-_UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "alora_invocation_tokens": None,
-    "use_bdlora": None,
-}
 
 
 def save_adapter(
@@ -79,8 +83,11 @@ def save_adapter(
     Per-module ranks or alphas that differ from ``r``/``lora_alpha`` are written as PEFT's
     ``rank_pattern``/``alpha_pattern``. ``"all-linear"`` is written as the full names of the
     wrapped modules (as PEFT 0.21 itself does), so PEFT adapts exactly the same layers; so are
-    targets that do not describe the model's LoRA layers (with a warning), e.g. when
-    ``exclude_modules`` was not passed.
+    targets with ``exclude_modules`` (a key PEFT < 0.14 cannot read), targets that also name
+    layers inside ``modules_to_save`` (PEFT releases differ there), and targets that do not
+    describe the model's LoRA layers (with a warning), e.g. when ``exclude_modules`` was not
+    passed. Only fields that differ from PEFT's defaults are written, plus ``peft_type``,
+    ``task_type``, ``r``, ``lora_alpha``, ``target_modules``, ``base_model_name_or_path``.
 
     Args:
         model: A model with LoRA injected.
@@ -96,13 +103,21 @@ def save_adapter(
         ``out_dir`` as a ``Path``.
 
     Raises:
-        ValueError: ``model`` has no LoRA layers.
+        ValueError: ``model`` has no LoRA layers, or one inside ``modules_to_save``.
     """
     wrapped, alpha = dict(lora_modules(model)), lora_alpha
     if not wrapped:
         raise ValueError("save_adapter: the model has no LoRA layers; call inject_lora first.")
+    heads = list(modules_to_save or [])
+    inside = [n for n in wrapped if is_under(n, heads)]
+    if inside:
+        raise ValueError(
+            f"save_adapter: LoRA layer {inside[0]} is inside a module saved whole "
+            f"(modules_to_save={heads}); PEFT cannot read that. Inject with "
+            "modules_to_save=<the heads> so that heads get no LoRA layers."
+        )
     if target_modules != ALL_LINEAR and not _describes(
-        model, wrapped, target_modules, exclude_modules
+        model, wrapped, target_modules, exclude_modules, heads
     ):
         logger.warning(
             "save_adapter: target_modules=%r with exclude_modules=%r does not describe the "
@@ -110,9 +125,8 @@ def save_adapter(
             target_modules,
             exclude_modules,
         )
-        target_modules = ALL_LINEAR
-    if target_modules == ALL_LINEAR:
-        target_modules, exclude_modules = list(wrapped), None
+    if target_modules == ALL_LINEAR or not _describes(model, wrapped, target_modules, None, []):
+        target_modules = list(wrapped)
     # "<module>.lora_A" -> "base_model.model.<module>.lora_A.weight"
     tensors = {
         f"{PEFT_PREFIX}{k}.weight": t.contiguous().cpu() for k, t in lora_state_dict(model).items()
@@ -126,22 +140,22 @@ def save_adapter(
         "task_type": task_type,
         "r": r,
         "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
         "target_modules": _jsonable(target_modules),
-        "exclude_modules": _jsonable(exclude_modules),
-        "bias": "none",
-        "use_rslora": use_rslora,
-        "base_model_name_or_path": base_model_name_or_path and str(base_model_name_or_path),
-        "fan_in_fan_out": False,
-        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "inference_mode": True,
-        "init_lora_weights": True,
+    }
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = str(base_model_name_or_path)
+    optional = {
+        "lora_dropout": lora_dropout,
+        "use_rslora": use_rslora,
+        "modules_to_save": heads or None,
         # PEFT reads pattern keys as regexes matching a name suffix: escape the exact names.
         "rank_pattern": {re.escape(n): m.r for n, m in wrapped.items() if m.r != r},
         "alpha_pattern": {
             re.escape(n): m.lora_alpha for n, m in wrapped.items() if m.lora_alpha != alpha
         },
     }
+    config.update({k: v for k, v in optional.items() if v != PEFT_DEFAULTS[k]})
     files = {  # weights first: a reader never sees a new config next to old weights
         WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
         EXTRA_NAME: _json_bytes(extra or {}),
@@ -165,12 +179,14 @@ def _describes(
     wrapped: dict[str, LoRALinear],
     target_modules: str | Sequence[str],
     exclude_modules: str | Sequence[str] | None,
+    heads: list[str],
 ) -> bool:
-    """True when PEFT, reading these targets, would adapt exactly the wrapped layers."""
+    """True when PEFT, reading these targets, would adapt exactly the wrapped layers (layers in
+    or under ``heads``, PEFT's ``modules_to_save``, are never adapted)."""
 
     def selected(name: str) -> bool:
         excluded = bool(exclude_modules) and matches(name, exclude_modules)
-        return matches(name, target_modules) and not excluded
+        return matches(name, target_modules) and not excluded and not is_under(name, heads)
 
     plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     plain = [n for n in plain if not n.endswith(".base_layer")]
@@ -188,58 +204,34 @@ def _write_atomic(out_dir: Path, files: dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``adapter_config.json`` and check that it is a LoRA config lorafit can load.
-
-    lorafit's ``lorafit.json`` (absent in PEFT-made folders) comes back under ``"lorafit"``.
-
-    Raises:
-        FileNotFoundError: The file is missing.
-        ValueError: ``peft_type`` is not ``"LORA"``, ``target_modules`` is missing, or
-            ``lorafit.json`` is not valid JSON.
-        NotImplementedError: The config turns on a PEFT feature lorafit lacks (DoRA, bias, ...).
-    """
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {Path(adapter_dir)} (expected {path}).")
-    config = json.loads(path.read_text())
-    extra = Path(adapter_dir) / EXTRA_NAME
-    if extra.is_file():
-        try:
-            config["lorafit"] = json.loads(extra.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{extra} is not valid JSON ({e}); delete it or rewrite it.") from None
-    if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA'."
-        )
-    if not config.get("target_modules"):
-        raise ValueError(f"{path}: field 'target_modules' is empty; cannot tell what to adapt.")
-    for key, off in _UNSUPPORTED.items():
-        if config.get(key, off) not in (off, None, [], {}):
-            raise NotImplementedError(
-                f"{path}: {key}={config[key]!r} is a PEFT feature lorafit does not implement; "
-                "load this adapter with PEFT instead."
-            )
-    return config
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    trainable: bool = False,
+    untie_embeddings: bool = False,
+) -> dict[str, Any]:
     """Inject LoRA into ``model`` as ``adapter_config.json`` says and load the saved tensors.
 
-    On any error the model is put back as it was (LoRA layers removed, flags restored).
+    No LoRA goes into ``modules_to_save`` modules (PEFT's precedence); the effective scaling of
+    the layers is logged. On any error the model is put back as it was (LoRA layers removed,
+    flags restored).
 
     Args:
         model: A fresh base model (no LoRA yet), the one the adapter was trained on.
         adapter_dir: A folder written by :func:`save_adapter` or by PEFT's ``save_pretrained``.
+        trainable: Leave the LoRA parameters requiring grad (to train on); by default they are
+            frozen, for inference.
+        untie_embeddings: Allow LoRA on an output head tied to the input embedding (see
+            :func:`~lorafit.lora.inject_lora`).
 
     Returns:
         The adapter config as a dict.
 
     Raises:
         FileNotFoundError: ``adapter_config.json`` or ``adapter_model.safetensors`` is missing.
-        ValueError: Wrong ``peft_type``, unreadable weights, missing/unexpected keys or a shape
-            mismatch (named with expected and found shapes).
+        ValueError: Wrong ``peft_type`` or field types, unreadable weights, missing/unexpected
+            keys, a shape mismatch (named with expected and found shapes), or a tied head.
         NotImplementedError: The config uses a PEFT feature lorafit lacks.
     """
     config = read_adapter_config(adapter_dir)
@@ -255,6 +247,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
         exclude_modules=config.get("exclude_modules"),
         rank_pattern=config.get("rank_pattern"),
         alpha_pattern=config.get("alpha_pattern"),
+        modules_to_save=config["modules_to_save"],
+        untie_embeddings=untie_embeddings,
     )
     try:
         _copy_tensors(model, tensors, config, Path(adapter_dir) / WEIGHTS_NAME)
@@ -263,6 +257,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, False))
         raise
+    for p in lora_parameters(model):
+        p.requires_grad_(trainable)
+    groups = Counter((m.r, m.lora_alpha, m.scaling) for _, m in lora_modules(model))
+    root = "sqrt(r)" if config["use_rslora"] else "r"
+    logger.info(
+        "Loaded %s: %d LoRA layers; effective scaling lora_alpha/%s = %s.",
+        adapter_dir,
+        sum(groups.values()),
+        root,
+        "; ".join(
+            f"{a:g}/{f'sqrt({r})' if config['use_rslora'] else r} = {s:g} on {n} layer(s)"
+            for (r, a, s), n in groups.items()
+        ),
+    )
     return config
 
 
