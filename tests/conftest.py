@@ -14,6 +14,14 @@ TINY_LLAMA = dict(
     num_key_value_heads=2,
     vocab_size=128,
 )
+TINY_BERT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=100,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from conftest import TINY_LLAMA
+from conftest import TINY_BERT, TINY_LLAMA
 from lorafit.config import CONF_DIR, SWEEPS_DIR
 from lorafit.lora import LoRAConfig, lora_modules
 from lorafit.models import ModelConfig
@@ -83,15 +83,7 @@ def tiny_model(bert: bool, classifier: bool):
     """A tiny random BERT (the minilm_l6 architecture) or Llama, as a classifier or causal LM."""
     torch.manual_seed(0)
     if bert:
-        config = BertConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            vocab_size=64,
-            num_labels=3,
-        )
-        return BertForSequenceClassification(config)
+        return BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=3))
     config = LlamaConfig(**TINY_LLAMA, num_labels=3)
     return (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(config)
 

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from conftest import TINY_BERT
 from lorafit.adapters import load_adapter, save_adapter
 from lorafit.assets import package_file
 from lorafit.config import CONF_DIR
@@ -25,14 +26,6 @@ from lorafit.tasks.classification import (
 )
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
-TINY_BERT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=100,
-    max_position_embeddings=32,
-)
 
 
 @pytest.fixture(scope="module")
