@@ -53,6 +53,8 @@ def test_run_folder_is_complete(run_dir):
         "checkpoints/last.ckpt",
     ]:
         assert (run_dir / name).is_file(), name
+    # one last.ckpt: no `last-v1.ckpt` from Lightning's own end-of-fit save beside it
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
     m = json.loads((run_dir / "metrics.json").read_text())
     for key in [
         "task",
@@ -150,6 +152,17 @@ def test_bad_input_gives_clear_error_and_no_complete_run_folder(tmp_path, overri
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "metrics.json").exists()
     assert json.loads((run_dir / "failed.json").read_text())["status"] == "failed"
+
+
+def test_rows_lacking_the_formats_field_are_named_not_blamed_on_the_split(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [json.dumps({"prompt": f"q{i}", "answer": "a"}) for i in range(20)]
+    data.write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    proc = lorafit_train(run_dir, "data=file", f"data.path={data}", "data.format=prompt_completion")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "skipped_missing_" in proc.stderr and "data.format" in proc.stderr
+    assert "val_fraction" not in proc.stderr
 
 
 def test_build_leaves_the_model_in_train_mode_with_lora_dropout(tmp_path):

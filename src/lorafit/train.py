@@ -120,10 +120,18 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
     for split in ("train_set", "val_set"):
         rows = getattr(datamodule, split)
         if hasattr(rows, "__len__") and len(rows) == 0:  # a stream: the data module checks it
+            skipped = {k: v for k, v in datamodule.stats.items() if k.startswith("skipped_")}
+            missing = [k for k in skipped if k.startswith("skipped_missing_")]
             raise ValueError(
                 f"The {split.removesuffix('_set')} split is empty after reading and filtering the "
-                "data (see the log's skip counts); give more data, or change data.val_fraction / "
-                "data.val_examples so that both splits keep rows."
+                f"data (rows skipped: {skipped or 'none'}). "
+                + (
+                    f"Rows lack the field that data.format needs ({', '.join(missing)}): check "
+                    "data.format / data.columns against the file's columns."
+                    if missing
+                    else "Give more data, or change data.val_fraction / data.val_examples so "
+                    "that both splits keep rows."
+                )
             )
     model = load_model(model_dir, model_cfg, task.name, **task.model_kwargs(datamodule))
     # peak_rss_mb counts from here: a GGUF conversion, the loader's own peak and what earlier

@@ -50,12 +50,12 @@ def test_cosine_warmup_shape(steps):
         opt.step()
         sched.step()
     warmup = math.ceil(steps * 0.1)
-    # transformers' linear warmup: step s runs at s / warmup of the lr
-    assert lrs[:warmup] == pytest.approx([s / warmup for s in range(warmup)])
-    assert lrs[warmup] == pytest.approx(1.0)
+    # step s runs at (s + 1) / warmup of the lr: the first step already learns
+    assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert lrs[warmup - 1] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
     half = warmup + (steps - warmup) // 2
-    assert lrs[half] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.05)
+    assert lrs[half - 1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.05)
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
 
 
@@ -67,7 +67,14 @@ def test_constant_with_warmup():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.5] + [2.0] * 6)
+    assert lrs == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 7)
+
+
+def test_a_one_step_run_trains_at_the_full_rate():
+    """transformers' schedules start at lr 0; a 1-step run (or the first step) must still learn."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    warmup_schedule(opt, 1, "cosine_with_min_lr", warmup_ratio=0.05, min_lr_rate=0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0)
 
 
 def test_no_warmup_starts_at_the_full_rate():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,21 +39,29 @@ def warmup_schedule(
     """transformers' schedule `name` (`get_scheduler`) with the warmup given as a share of steps.
 
     A ratio follows `trainer.max_steps` / epoch changes, where a fixed count would not (Lightning
-    knows the step count only once fitting starts). The learning rate rises linearly from 0 over
-    `ceil(warmup_ratio * num_training_steps)` steps (none for 0), then follows `name`:
-    `cosine_with_min_lr` (decay to `min_lr_rate` x lr), `constant_with_warmup`, `linear`, ...
+    knows the step count only once fitting starts). With W = `ceil(warmup_ratio *
+    num_training_steps)` warmup steps, optimizer step s (from 0) runs at min(1, (s + 1) / W) of the
+    learning rate, then `name` takes over: `cosine_with_min_lr` (decay to `min_lr_rate` x lr at
+    the last step), `constant_with_warmup`, `linear`, ...
+
+    The schedule starts one step in (transformers' step 0 has learning rate 0, so its first
+    optimizer step would change nothing, and a 1-step run would train nothing at all).
 
     Args:
         kwargs: the schedule's own arguments (`min_lr_rate`, `num_cycles`, ...), passed on as
             transformers' `scheduler_specific_kwargs`.
     """
-    return get_scheduler(
+    scheduler = get_scheduler(
         name,
         optimizer,
         num_warmup_steps=math.ceil(num_training_steps * warmup_ratio),
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=kwargs or None,
     )
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return scheduler
 
 
 def dropout_rates(model: nn.Module) -> list[float]:
