@@ -61,6 +61,8 @@ class ModelConfig:
         revision: hub revision (branch, tag or commit).
         dtype: torch dtype name of the frozen weights (`float32`, `bfloat16`, `float16`).
         trust_remote_code: passed to `from_pretrained` (model code from the hub repo).
+        quantization: `nf4`, `int8` or None: load the frozen base quantized by bitsandbytes
+            (QLoRA, Dettmers et al. 2023); the LoRA layers stay in float.
     """
 
     name: str = "hf"
@@ -70,6 +72,43 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    quantization: str | None = None
+
+
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained` kwargs that load a model quantized by bitsandbytes; `{}` for None.
+
+    bitsandbytes >= 0.49 runs both on CPU (4-bit NF4 and LLM.int8()); `dtype` is the 4-bit
+    layers' compute dtype.
+
+    Raises:
+        ModelError: an unknown value, or bitsandbytes not installed (names `model.quantization`).
+    """
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ModelError(
+            f"model.quantization={quantization!r}: use nf4 (4-bit NormalFloat), int8 or null."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"model.quantization={quantization} needs the bitsandbytes package (>= 0.49 has a CPU "
+            "backend): pip install 'lorafit[quant]', or set model.quantization=null."
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config}
 
 
 def builtin_model(name: str) -> ModelConfig | None:
@@ -180,10 +219,12 @@ def load_tokenizer(model_dir: str, model_cfg: ModelConfig):
 def load_model(
     model_dir: str, model_cfg: ModelConfig, task: str = "causal_lm", **kwargs
 ) -> PreTrainedModel:
-    """Load the frozen base model for `task` from `model_dir` in `model_cfg.dtype`.
+    """Load the frozen base model for `task` from `model_dir` in `model_cfg.dtype`, quantized if
+    `model_cfg.quantization` says so.
 
     Raises:
-        ModelError: the folder/hub id cannot be loaded (message names `model.name_or_path`).
+        ModelError: the folder/hub id cannot be loaded (message names `model.name_or_path`), or
+            the quantization is unknown or its backend missing.
     """
     auto = AUTO_CLASSES[task]
     dtype = getattr(torch, str(model_cfg.dtype), None)
@@ -192,6 +233,7 @@ def load_model(
             f"model.dtype='{model_cfg.dtype}' is not a torch dtype; use float32, bfloat16 or "
             "float16."
         )
+    kwargs.update(quantization_kwargs(model_cfg.quantization, dtype))
     try:
         model = auto.from_pretrained(
             model_dir,

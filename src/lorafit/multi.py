@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafit.adapters import load_adapter, read_adapter_config, save_adapter
-from lorafit.lora import LoRALinear, disable_lora, lora_modules, unwrap_lora
+from lorafit.lora import disable_lora, lora_modules, make_lora_layer, unwrap_lora
 
 COMBINATIONS = ("linear", "cat")
 
@@ -76,7 +76,8 @@ class AdapterSet:
         Raises:
             ValueError: ``name`` is taken, the model is merged, or the folder does not fit.
             NotImplementedError: The adapter has ``modules_to_save`` (whole modules cannot be
-                switched per adapter here; load it alone with ``load_adapter``).
+                switched per adapter here; load it alone with ``load_adapter``) or is a DoRA
+                adapter (its magnitude is not switched or combined here).
         """
         if name in self.adapters:
             raise ValueError(f"An adapter named {name!r} is already loaded; choose another name.")
@@ -85,6 +86,11 @@ class AdapterSet:
             raise NotImplementedError(
                 f"{adapter_dir}: modules_to_save={config['modules_to_save']!r}; AdapterSet "
                 "switches LoRA layers only. Load this adapter alone with load_adapter()."
+            )
+        if config.get("use_dora"):
+            raise NotImplementedError(
+                f"{adapter_dir}: use_dora=true; AdapterSet switches and combines plain LoRA "
+                "adapters only. Load this adapter alone with load_adapter()."
             )
         self._check_unmerged()
         unwrap_lora(self.model, merge=False)  # plain again: load_adapter checks against the base
@@ -211,7 +217,7 @@ class AdapterSet:
         """Wrap every layer some adapter adapts (placeholders until :meth:`set_active`)."""
         names = dict.fromkeys(n for w in self.adapters.values() for n in w)
         for n in names:
-            _replace(self.model, n, LoRALinear(self.model.get_submodule(n), r=1, lora_alpha=1))
+            _replace(self.model, n, make_lora_layer(self.model.get_submodule(n), r=1, lora_alpha=1))
 
     def _check_unmerged(self) -> None:
         if any(m.merged for _, m in lora_modules(self.model)):

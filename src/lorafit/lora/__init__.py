@@ -1,25 +1,34 @@
-"""LoRA: a frozen ``nn.Linear`` plus a trainable low-rank update (Hu et al. 2021).
+"""LoRA: a frozen layer plus a trainable low-rank update (Hu et al. 2021).
 
-``y = W x + (B A x) * scaling`` with ``A: (r, in)``, ``B: (out, r)``. Everything else here
-(trainability, state dict, parameter counts, merging) is one walk over :class:`LoRALinear` modules.
-Which layers are targets (PEFT's matching rules, task heads, tied output heads) is
-:mod:`lorafit.lora.targets`; its public names are re-exported here.
+``y = W x + (B A x) * scaling`` with ``A: (r, in)``, ``B: (out, r)``. Everything here
+(injection, trainability, state dict, parameter counts, merging) is one walk over the LoRA layers
+of :mod:`lorafit.lora.layers` (:class:`LoRALinear` on Linear and Conv1D, with DoRA;
+:class:`LoRAEmbedding`). Which layers are targets is :mod:`lorafit.lora.targets`, the
+initialisations (PiSSA, OLoRA) :mod:`lorafit.lora.init`, optimizer groups and LoRA+
+:mod:`lorafit.lora.loraplus`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafit.lora.init import BASE_CHANGING, INITS, check_init, converted_lora, init_lora
+from lorafit.lora.layers import (
+    LORA_LAYERS,
+    LoRAEmbedding,
+    LoRALinear,
+    dense_weight,
+    is_conv1d,
+    is_quantized,
+    make_lora_layer,
+)
+from lorafit.lora.loraplus import loraplus_adamw, param_groups
 from lorafit.lora.targets import (
     ALL_LINEAR,
     HEAD_NAMES,
@@ -31,9 +40,8 @@ from lorafit.lora.targets import (
     untie_output_head,
 )
 
-__all__ = [  # with the names of lorafit.lora.targets, re-exported here
+__all__ = [  # with the names of lorafit.lora.{layers,init,loraplus,targets}, re-exported here
     "LoRAConfig",
-    "LoRALinear",
     "LoRAReport",
     "count_params",
     "disable_lora",
@@ -53,95 +61,23 @@ __all__ = [  # with the names of lorafit.lora.targets, re-exported here
     "is_under",
     "matches",
     "untie_output_head",
+    "LORA_LAYERS",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "dense_weight",
+    "is_conv1d",
+    "is_quantized",
+    "make_lora_layer",
+    "BASE_CHANGING",
+    "INITS",
+    "check_init",
+    "converted_lora",
+    "init_lora",
+    "loraplus_adamw",
+    "param_groups",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` (``base_layer``) plus the low-rank path ``B @ A``.
-
-    Args:
-        base_layer: The Linear layer to adapt, kept as is (PEFT's attribute name, so state-dict
-            keys read ``...q_proj.base_layer.weight``).
-        r: Rank of the update, >= 1.
-        lora_alpha: Numerator of the scaling.
-        lora_dropout: Dropout probability on the input of the LoRA path only.
-        use_rslora: Scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023, as
-            PEFT's ``use_rslora``) instead of ``lora_alpha / r``.
-    """
-
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-    ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        w = base_layer.weight
-        kw = {"device": w.device, "dtype": w.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, **kw))
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.merged = False
-        self.disabled = False
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """A Kaiming-uniform as loralib/PEFT, B zeros: the layer starts equal to its base."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply the base layer and, unless merged or disabled, the LoRA path.
-
-        Args:
-            x: Input of shape ``(..., in_features)``.
-
-        Returns:
-            Tensor of shape ``(..., out_features)``.
-        """
-        out = self.base_layer(x)
-        if self.merged or self.disabled:
-            return out
-        # Cast A and B to the input's dtype so float32 adapters work on bf16 activations.
-        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        h = F.linear(self.lora_dropout(x), lora_A)  # (..., r)
-        return out + F.linear(h, lora_B) * self.scaling  # (..., out_features)
-
-    def delta_weight(self) -> Tensor:
-        """Return ``B @ A * scaling`` in float32, shape ``(out_features, in_features)``."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into ``base_layer.weight`` (in float32, cast back); warn if merged."""
-        if self.merged:
-            warnings.warn("LoRALinear.merge(): already merged; nothing done", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update from ``base_layer.weight``; warn if not merged."""
-        if not self.merged:
-            warnings.warn("LoRALinear.unmerge(): not merged; nothing done", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
 
 @dataclass
@@ -198,11 +134,14 @@ def inject_lora(
     alpha_pattern: dict[str, float] | None = None,
     modules_to_save: Sequence[str] | None = None,
     untie_embeddings: bool = False,
+    use_dora: bool = False,
+    init: str = "default",
 ) -> LoRAReport:
-    """Freeze ``model`` and replace the targeted ``nn.Linear`` layers by :class:`LoRALinear`.
+    """Freeze ``model`` and wrap the targeted layers: ``nn.Linear`` and transformers' ``Conv1D``
+    in :class:`LoRALinear`, ``nn.Embedding`` (named explicitly) in :class:`LoRAEmbedding`.
 
     Args:
-        model: Any module; works on the meta device.
+        model: Any module; works on the meta device (``init`` default or gaussian only).
         target_modules: Names (exact or ``.``-suffix), one regex (full match) or ``"all-linear"``.
         r: Rank, >= 1.
         lora_alpha: Scaling numerator, > 0.
@@ -214,17 +153,23 @@ def inject_lora(
         modules_to_save: Modules trained whole (a task's new head): no LoRA in or under them.
         untie_embeddings: Let a target be an output head tied to the input embedding (an error
             otherwise) by first giving the head its own weight.
+        use_dora: DoRA on the linear targets (PEFT's ``use_dora``).
+        init: ``default``, ``gaussian``, ``pissa`` (``pissa_niter_N``) or ``olora``; see
+            :mod:`lorafit.lora.init`. PiSSA and OLoRA change the base weights.
 
     Returns:
         A :class:`LoRAReport` of the wrapped modules and parameter counts.
 
     Raises:
-        ValueError: Bad hyperparameters, a target that matches nothing, LoRA already injected, or
-            a tied output head targeted without ``untie_embeddings``.
+        ValueError: Bad hyperparameters, a target that matches nothing, LoRA already injected, a
+            tied output head targeted without ``untie_embeddings``, or an init or DoRA that the
+            target cannot take (see :func:`~lorafit.lora.init.init_lora`).
     """
     _check_hparams(r, lora_alpha, lora_dropout)
-    if not isinstance(use_rslora, bool):  # a string "false" would switch rsLoRA on
-        raise ValueError(f"lora.use_rslora must be true or false, got {use_rslora!r}.")
+    for key, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if not isinstance(flag, bool):  # a string "false" would switch the option on
+            raise ValueError(f"lora.{key} must be true or false, got {flag!r}.")
+    check_init(init)
     if next(lora_modules(model), None) is not None:
         raise ValueError(
             f"{type(model).__name__} already has LoRA layers; inject into a fresh model, or call "
@@ -243,12 +188,14 @@ def inject_lora(
     too_big = []
     for name, (r_n, alpha_n) in plan.items():
         base = model.get_submodule(name)
-        if r_n > min(base.in_features, base.out_features):
-            too_big.append(f"{name} ({base.in_features}->{base.out_features})")
-        parent, _, child = name.rpartition(".")
         # Follow the wrapped layer's mode: a model loaded for inference (eval) must not get
         # LoRA dropout switched on by injection.
-        lora = LoRALinear(base, r_n, alpha_n, lora_dropout, use_rslora).train(base.training)
+        lora = make_lora_layer(base, r_n, alpha_n, lora_dropout, use_rslora, use_dora)
+        lora.train(base.training)
+        if r_n > min(lora.in_features, lora.out_features):
+            too_big.append(f"{name} ({lora.in_features}->{lora.out_features})")
+        init_lora(lora, init)
+        parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, lora)
     if too_big:
         logger.warning(
@@ -269,7 +216,11 @@ class LoRAConfig:
     The defaults are `conf/lora/default.yaml`'s, so a `lora` file that sets only some fields
     (`r: 4`) means the default LoRA with those changed. `target_modules=None` (`lora=none`) means
     no LoRA: full fine-tuning of every weight. Field names and meanings are PEFT's `LoraConfig`
-    ones; see :func:`inject_lora`.
+    ones (`init` is its `init_lora_weights`, `untie_word_embeddings` lorafit's); see
+    :func:`inject_lora`.
+
+    Raises:
+        ValueError: `rank_pattern` / `alpha_pattern` that are not mappings.
     """
 
     r: int | None = 8
@@ -281,10 +232,19 @@ class LoRAConfig:
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
     untie_word_embeddings: bool = False
+    use_dora: bool = False
+    init: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):  # the default, as the list a config gives
             self.target_modules = list(self.target_modules)
+        for key in ("rank_pattern", "alpha_pattern"):  # `+lora.rank_pattern.v_proj=16` etc.
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(
+                    f"lora.{key} must be a mapping {{regex suffix: value}}, got {value!r}; e.g. "
+                    f"lora.{key}='{{v_proj: 16}}' or +lora.{key}.v_proj=16."
+                )
 
     @property
     def full_finetune(self) -> bool:
@@ -299,25 +259,30 @@ class LoRAConfig:
         return inject_lora(model, **fields, modules_to_save=modules_to_save)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Yield ``(name, module)`` for every :class:`LoRALinear` in ``model``: the one walk."""
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """Yield ``(name, module)`` for every LoRA layer in ``model``: the one walk."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYERS):
             yield name, module
 
 
 def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Yield every ``lora_A`` and ``lora_B`` parameter (for the optimizer)."""
+    """Yield every ``lora_A``, ``lora_B`` and DoRA ``lora_magnitude_vector`` parameter."""
     for _, m in lora_modules(model):
         yield from (m.lora_A, m.lora_B)
+        if m.use_dora:
+            yield m.lora_magnitude_vector
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``{"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)}``, detached, not copied."""
+    """``{"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)}`` and, with DoRA,
+    ``"<module>.lora_magnitude_vector": (out,)``; detached, not copied."""
     state = {}
     for name, m in lora_modules(model):
         state[f"{name}.lora_A"] = m.lora_A.detach()
         state[f"{name}.lora_B"] = m.lora_B.detach()
+        if m.use_dora:
+            state[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return state
 
 
@@ -329,8 +294,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def lora_report(model: nn.Module) -> LoRAReport:
     """Describe the LoRA layers of ``model`` and its parameter counts."""
-    modules = [
-        (n, m.lora_A.shape[1], m.lora_B.shape[0], m.lora_A.numel() + m.lora_B.numel())
+    modules = [  # the layer's own parameters: A, B and DoRA's magnitude
+        (n, m.in_features, m.out_features, sum(p.numel() for p in m.parameters(recurse=False)))
         for n, m in lora_modules(model)
     ]
     trainable, total = count_params(model)
@@ -350,11 +315,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def unwrap_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace each :class:`LoRALinear` by its ``base_layer``, merged first unless ``merge=False``.
+    """Replace each LoRA layer by its ``base_layer``, merged first unless ``merge=False``.
 
     The result is a plain model again, so ``save_pretrained`` writes the original key names. A
     disabled layer is dropped unmerged, so the result computes what the model computed before.
-    Each merge works on one weight in place: the model never exists twice.
+    Each merge works on one weight in place: the model never exists twice. A PiSSA/OLoRA layer
+    dropped unmerged leaves its residual base weight (not the original one).
 
     Returns:
         The same ``model``, changed in place.

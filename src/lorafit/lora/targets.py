@@ -1,7 +1,8 @@
 """Which layers LoRA adapts: PEFT's target matching, the task heads it leaves whole, tied heads.
 
 A list entry matches a module name exactly or as a ``.``-suffix, a string is a regex that must match
-the whole name, and ``"all-linear"`` means every Linear layer but the output head. Modules trained
+the whole name, and ``"all-linear"`` means every Linear layer (``nn.Linear`` or transformers'
+``Conv1D``) but the output head. An ``nn.Embedding`` is a target only when named. Modules trained
 whole (``modules_to_save``, a task's new head) take precedence over targets, as in PEFT.
 """
 
@@ -38,23 +39,16 @@ def is_under(name: str, modules: Sequence[str]) -> bool:
     return any(matches(".".join(parts[:i]), modules) for i in range(1, len(parts) + 1))
 
 
-def _conv1d_hint(model: nn.Module) -> str:
-    """Why a GPT-2 style model has nothing to adapt: its projections are Conv1D, not Linear."""
-    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    if not conv:
-        return ""
-    return (
-        f" Its projections ({', '.join(conv[:2])}, ...) are transformers' Conv1D layers (GPT-2 "
-        "style, weight stored as (in, out)), not nn.Linear: lorafit's LoRALinear wraps nn.Linear "
-        "only (PEFT adapts Conv1D with fan_in_fan_out=True). Use PEFT for this model, or a model "
-        "whose projections are nn.Linear."
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` (bitsandbytes' quantized ones included) or transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
     )
 
 
 def _not_found(entry: str, spec: Targets, model: nn.Module, linear: list[str]) -> ValueError:
     other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if matches(n, spec)]
     hint = f" It matches only non-Linear modules: {', '.join(other[:3])}." if other else ""
-    hint += _conv1d_hint(model)
     last_parts = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
     last = ", ".join(last_parts)
     named = [n for n, _ in model.named_modules() if n.endswith("." + entry)]
@@ -62,15 +56,15 @@ def _not_found(entry: str, spec: Targets, model: nn.Module, linear: list[str]) -
         # A bare name as a string: e.g. `-m lora.target_modules=q_proj,v_proj` sweeps single names.
         pair = ",".join([entry, *[n for n in last_parts if n != entry][:1]])
         return ValueError(
-            f"lora.target_modules={entry!r} matches no nn.Linear layer of "
+            f"lora.target_modules={entry!r} matches no nn.Linear/Conv1D/nn.Embedding layer of "
             f"{type(model).__name__}: a string is a regex that must match the whole module name "
             f"(here e.g. {named[0]!r}), so a bare last name matches nothing; for the module list "
             f"write lora.target_modules='[{pair}]' (quotes needed in a multirun, where a bare "
             f"comma starts a sweep). Its Linear layers are: {last}."
         )
     return ValueError(
-        f"lora.target_modules entry {entry!r} matches no nn.Linear layer of "
-        f"{type(model).__name__}.{hint} Its Linear layers are: {last}. Set "
+        f"lora.target_modules entry {entry!r} matches no nn.Linear, Conv1D or nn.Embedding layer "
+        f"of {type(model).__name__}.{hint} Its Linear layers are: {last}. Set "
         "lora.target_modules=[...] to some of these names (an exact module name or its last "
         "part), to a regex string that fully matches module names, or to 'all-linear'."
     )
@@ -82,16 +76,18 @@ def find_targets(
     exclude_modules: Targets | None = None,
     modules_to_save: Sequence[str] | None = None,
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``target_modules`` selects, in model order.
+    """Names of the modules that ``target_modules`` selects, in model order: Linear and Conv1D
+    layers, and ``nn.Embedding`` layers that a list entry or regex names.
 
     Layers in or under a ``modules_to_save`` module (a task's new head, trained whole) are never
     targets: PEFT's ``modules_to_save`` takes precedence over ``target_modules`` the same way.
 
     Raises:
-        ValueError: A list entry or a regex matches no Linear layer, or nothing is left to wrap.
+        ValueError: A list entry or a regex matches no layer LoRA can wrap, or nothing is left.
     """
     modules = dict(model.named_modules())
-    linear = [n for n, m in modules.items() if n and isinstance(m, nn.Linear)]
+    linear = [n for n, m in modules.items() if n and is_linear(m)]
+    adaptable = [n for n, m in modules.items() if n and (is_linear(m) or type(m) is nn.Embedding)]
     if target_modules == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [
@@ -99,8 +95,8 @@ def find_targets(
         ]
         if not names:
             raise ValueError(
-                f"lora.target_modules='all-linear' finds no nn.Linear layer in "
-                f"{type(model).__name__} besides its output head.{_conv1d_hint(model)}"
+                f"lora.target_modules='all-linear' finds no nn.Linear or Conv1D layer in "
+                f"{type(model).__name__} besides its output head."
             )
     else:
         entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -108,9 +104,9 @@ def find_targets(
             raise ValueError("lora.target_modules is empty; name at least one module.")
         for entry in entries:
             spec = entry if isinstance(target_modules, str) else [entry]
-            if not any(matches(n, spec) for n in linear):
+            if not any(matches(n, spec) for n in adaptable):
                 raise _not_found(entry, spec, model, linear)
-        names = [n for n in linear if matches(n, target_modules)]
+        names = [n for n in adaptable if matches(n, target_modules)]
     if exclude_modules:
         names = [n for n in names if not matches(n, exclude_modules)]
     if modules_to_save:
@@ -125,11 +121,11 @@ def find_targets(
 
 
 def untie_output_head(model: nn.Module, targets: list[str], untie: bool) -> None:
-    """Give the output head its own weight if it is among ``targets`` and tied to the input
-    embedding (SmolLM2, tie_word_embeddings): a merge would otherwise change the input side too.
+    """Give the output head its own weight if it or the input embedding is among ``targets`` and
+    the two are tied (SmolLM2, tie_word_embeddings): a merge would otherwise change both sides.
 
     Raises:
-        TiedEmbeddingsError: The head is tied and targeted, and ``untie`` is False.
+        TiedEmbeddingsError: The head (or embedding) is tied and targeted, and ``untie`` is False.
     """
     get_head = getattr(model, "get_output_embeddings", None)
     get_emb = getattr(model, "get_input_embeddings", None)
@@ -139,14 +135,15 @@ def untie_output_head(model: nn.Module, targets: list[str], untie: bool) -> None
         return
     names = {id(m): n for n, m in model.named_modules()}
     head_name, emb_name = names[id(head)], names[id(emb)]
-    if head_name not in targets:
+    if head_name not in targets and emb_name not in targets:
         return
+    target = head_name if head_name in targets else emb_name
     if not untie:
         raise TiedEmbeddingsError(
-            f"lora.target_modules selects {head_name}, the output head, but "
+            f"lora.target_modules selects {target}, but the output head {head_name} of "
             f"{type(model).__name__} ties its weight to the input embedding {emb_name} "
-            "(tie_word_embeddings): merging a LoRA there would change the input embedding as "
-            f"well. Leave {head_name} out of lora.target_modules ('all-linear' does), or opt in "
+            "(tie_word_embeddings): merging a LoRA there would change the other side as well. "
+            f"Leave {target} out of lora.target_modules ('all-linear' does), or opt in "
             "to untying with lora.untie_word_embeddings=true (untie_embeddings=True; `lorafit "
             "merge --untie-embeddings`): the head then gets its own copy of the weight "
             "(vocab x hidden more parameters in a merged model)."
