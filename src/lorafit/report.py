@@ -19,6 +19,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lorafit import study_report
+from lorafit.analyze.sweep import add_effective_ranks, markdown_section, plot_forgetting
 from lorafit.runinfo import atomic_write, compact_number, readable_ticks, write_figure
 
 log = logging.getLogger("lorafit")
@@ -33,10 +35,13 @@ COLUMNS = [
     "targets",
     "trainable_params",
     "adapter_bytes",
+    "effective_rank",  # median over layers of ΔW's directions holding 90 % of its energy
     "eval_loss_before",
     "eval_loss_after",
     "eval_accuracy_before",
     "eval_accuracy_after",
+    "general_loss_before",  # loss on text outside the task (forgetting; causal_lm runs)
+    "general_loss_after",
     "train_seconds",
     "tokens_per_s",
     "peak_rss_mb",
@@ -86,7 +91,8 @@ def _from_config(run_dir: Path) -> dict[str, Any]:
 
 
 def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
-    """One summary row for a run folder; `status` is `ok`, `failed` or `missing`."""
+    """One summary row for a run folder; `status` is `ok`, `failed`, `pruned` (an Optuna
+    pruner stopped it: `pruned.json`) or `missing`."""
     overrides_file = run_dir / ".hydra/overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None
     row: dict[str, Any] = {c: None for c in COLUMNS}
@@ -107,6 +113,10 @@ def read_run(run_dir: Path, root: Path) -> dict[str, Any]:
     row["targets"] = _targets(row["targets"])
     if failed_file.is_file():
         row.update(status="failed", error=json.loads(failed_file.read_text()).get("error"))
+    elif (run_dir / "pruned.json").is_file():
+        row.update(
+            status="pruned", error=json.loads((run_dir / "pruned.json").read_text())["reason"]
+        )
     else:
         row.update(status="missing", error="no metrics.json or failed.json: unfinished or killed")
     return row
@@ -162,7 +172,9 @@ def summarize(root: Path) -> list[dict]:
             "`lorafit train -m` sweep wrote (its `hydra.sweep.dir`)."
         )
     rows = [read_run(d, root) for d in runs]
+    study_report.annotate(rows, root)  # an Optuna sweep: why a trial's folder is missing
     mark_pareto(rows)
+    add_effective_ranks(rows, root)
     return rows
 
 
@@ -202,7 +214,8 @@ def to_markdown(rows: list[dict], root: Path) -> str:
         lines += [f"Shared overrides: `{' '.join(o for o in split[0] if o in common)}`", ""]
     lines.append(
         f"{len(rows)} runs: {len(ok)} ok, {sum(r['status'] == 'failed' for r in rows)} failed, "
-        f"{sum(r['status'] == 'missing' for r in rows)} missing. Quality: `{key}` "
+        + (f"{n} pruned, " if (n := sum(r["status"] == "pruned" for r in rows)) else "")
+        + f"{sum(r['status'] == 'missing' for r in rows)} missing. Quality: `{key}` "
         f"({'higher' if higher else 'lower'} is better)."
     )
     best = next((r for r in rows if r["best"]), None)
@@ -211,10 +224,6 @@ def to_markdown(rows: list[dict], root: Path) -> str:
             f"\n**Best run: {best['run']}** (`{best['overrides'] or 'defaults'}`): {key} "
             f"{best[key]:.4f} with {best['trainable_params']:,} trainable params."
         )
-    optuna = root / "optimization_results.yaml"
-    if optuna.is_file():
-        res = yaml.safe_load(optuna.read_text())
-        lines.append(f"\nOptuna best: {res.get('best_params')} -> {res.get('best_value')}")
     pareto = [r["run"] for r in rows if r["pareto"]]
     lines.append(
         f"\nPareto-optimal (best {key} for their parameter count): runs {', '.join(pareto)}"
@@ -226,10 +235,11 @@ def to_markdown(rows: list[dict], root: Path) -> str:
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
-        lines += ["", "## Failed or missing runs", ""]
+        lines += ["", "## Failed, pruned or missing runs", ""]
         lines += [
             f"- run {r['run']} (`{r['overrides']}`): {r['status']}: {r['error']}" for r in bad
         ]
+    lines += study_report.markdown(root)  # an Optuna sweep's study: best, importance, plots
     return "\n".join(lines) + "\n"
 
 
@@ -318,8 +328,10 @@ def write_report(root: str | Path) -> list[dict]:
     root = Path(root)
     rows = summarize(root)
     atomic_write(root / "summary.csv", to_csv(rows))
-    atomic_write(root / "summary.md", to_markdown(rows, root))
+    atomic_write(root / "summary.md", to_markdown(rows, root) + "\n".join(markdown_section(rows)))
     plot_tradeoff(rows, root / "tradeoff.png")
+    study_report.plot(root)  # an Optuna sweep: optuna_history.png, optuna_parallel.png
+    plot_forgetting(rows, root / "forgetting.png")  # drawn when runs measured general_loss
     return rows
 
 
