@@ -95,9 +95,13 @@ def test_installed_configs_and_sweeps_compose(venv):
     assert sweep["lora"]["lora_alpha"] == "${lorafit.mul:2,${lora.r}}"
     assert sweep["samples"]["num_prompts"] == 0
 
-    # the sweep file's `defaults: [override /hydra/sweeper: optuna]` applies from the ConfigStore
+    # the sweep file's `defaults: [override /hydra/sweeper: lorafit_optuna]` applies from the
+    # ConfigStore, which the wheel's hydra_plugins/lorafit_optuna_sweeper fills
     hydra = yaml.safe_load(run([lorafit, "train", "+sweep=optuna", "--cfg", "hydra"], work, env))
-    assert hydra["hydra"]["sweeper"]["_target_"].endswith("OptunaSweeper")
+    sweeper = "hydra_plugins.lorafit_optuna_sweeper.sweeper.LorafitOptunaSweeper"
+    assert hydra["hydra"]["sweeper"]["_target_"] == sweeper
+    assert hydra["hydra"]["sweeper"]["pruner"]["_target_"] == "optuna.pruners.MedianPruner"
+    assert (venv["site"] / "hydra_plugins/lorafit_optuna_sweeper/sweeper.py").is_file()
     assert hydra["hydra"]["sweeper"]["params"]["lora.r"] == "choice(2, 4, 8, 16, 32)"
 
     groups = run([lorafit, "train", "--help"], work, env)
@@ -113,6 +117,7 @@ def test_installed_train_then_merge(venv):
         "trainer.limit_val_batches=2",
         "data.max_train_examples=16",
         "samples.num_prompts=1",
+        "eval.general_docs=8",
     ]
     run([lorafit, "train", *overrides], work, env, timeout=900)
     (metrics,) = (tmp / "outputs").glob("*/*/metrics.json")

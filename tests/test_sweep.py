@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from lorafit.config import CONF_DIR
-from lorafit.train import set_threads
+from lorafit.distributed import set_threads
 
 # SmolLM2-135M linear shapes (in, out) per layer, from DESIGN.md: hidden 576, k/v 192, MLP 1536.
 SHAPES = {
@@ -91,6 +91,7 @@ QUICK = [
     "data.eval_batch_size=4",
     "data.max_length=64",
     "samples.num_prompts=0",
+    "eval.general_docs=8",
 ]
 
 
