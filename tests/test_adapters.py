@@ -229,8 +229,8 @@ def test_wrong_peft_type(make_llama, tmp_path):
 def test_unsupported_peft_feature(make_llama, tmp_path):
     save(lora_model(make_llama()), tmp_path)
     path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
-    with pytest.raises(NotImplementedError, match="use_dora=True"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_bias": True}))
+    with pytest.raises(NotImplementedError, match="lora_bias=True"):
         load_adapter(make_llama(), tmp_path)
 
 
@@ -437,7 +437,7 @@ def test_a_field_of_the_wrong_type_is_an_error_naming_file_and_field(
 
 @pytest.mark.parametrize(
     "fields",
-    [{"ensure_weight_tying": True}, {"arrow_config": {"top_k": 3}}, {"use_dora": True},
+    [{"ensure_weight_tying": True}, {"arrow_config": {"top_k": 3}}, {"use_qalora": True},
      {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}, {"lora_bias": True},
      {"trainable_token_indices": [1, 2]}, {"megatron_config": {"tp": 2}}],
 )  # fmt: skip

@@ -220,7 +220,9 @@ def test_cli_merge_and_errors(adapter_dir, tmp_path, capsys):
 
 def test_missing_base_folder_is_named(adapter_dir, base_dir, tmp_path):
     base_dir.rename(tmp_path / "moved")
-    with pytest.raises(MergeError, match="has no config.json here. Pass --base"):
+    with pytest.raises(
+        MergeError, match="base_model_name_or_path in .* does not exist here. Pass --base"
+    ):
         merge_to_folder([adapter_dir], tmp_path / "out")
     report = merge_to_folder([adapter_dir], tmp_path / "out", base=str(tmp_path / "moved"))
     assert report["base"] == str(tmp_path / "moved")

@@ -14,30 +14,48 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 
 # -- atomic writes ---------------------------------------------------------------------------------
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to `path`: a temp file in the same folder, fsync, then rename over `path`.
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder, so the renames and new names in it survive a power cut (POSIX; a no-op
+    where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
-    A reader sees the old file or the new one, never a part; on any error the temp file is removed
-    and `path` is untouched. The folder must exist.
 
-    Returns:
-        `path` as a Path.
+@contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temp file beside `path` for writing in binary; when the block ends without error,
+    flush, fsync, rename it over `path` and fsync the folder (for writers that stream, e.g.
+    `torch.save(obj, fh)`, so a large checkpoint is not held in memory twice).
+
+    On any error (disk full, permission, an interrupt) the temp file is removed and `path` is
+    untouched. The folder must exist.
+
+    Raises:
+        OSError: The write, fsync or rename failed (`path` untouched).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -45,7 +63,75 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` with `atomic_writer`: a temp file in the same folder, flush, fsync,
+    rename over `path`, fsync the folder.
+
+    The one file writer of lorafit (Lightning's checkpoint writes go through it too). A reader sees
+    the old file or the new one, never a part; on any error the temp file is removed and `path`
+    is untouched.
+
+    Args:
+        path: The file to create or replace; its folder must exist.
+        data: Its content; a `str` is written as UTF-8.
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        OSError: The write, fsync or rename failed (`path` untouched).
+    """
+    with atomic_writer(path) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def atomic_write_files(folder: str | os.PathLike, files: Mapping[str, bytes | str]) -> Path:
+    """Write a set of files into `folder` so that a failure leaves the old set whole.
+
+    A new folder is built with `staged_dir` (it appears complete or not at all). In an existing
+    folder (other files there are kept) every file is first written in full to a temp file and
+    fsynced; only then are they renamed over the old ones, in the order given (put the file a
+    reader checks first, e.g. a config, last). A failure while writing (disk full, permission)
+    therefore changes nothing; what is left is only the tiny window of the renames themselves.
+
+    Args:
+        folder: The folder to create or update.
+        files: File name (no folder part) -> content; a `str` is written as UTF-8.
+
+    Returns:
+        `folder` as a Path.
+
+    Raises:
+        OSError: A write failed (`folder` as it was, no temp file left).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        with staged_dir(folder) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        return folder
+    written: list[tuple[str, Path]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            written.append((name, Path(tmp)))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data.encode() if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+        for name, tmp in written:
+            os.replace(tmp, folder / name)
+    except BaseException:
+        for _, tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return folder
 
 
 def compact_number(value: float, _pos: object = None) -> str:
@@ -110,10 +196,12 @@ def write_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 def staged_dir(out: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Build a folder in a hidden temp folder beside `out`, then move it into place.
 
-    Yields the temp folder. When the block ends without error the temp folder becomes `out`; an
-    existing `out` is moved aside first and removed after (`replace=True`), or kept and the new
-    one discarded (`replace=False`: another process made it first, e.g. a parallel sweep job
-    filling a cache). On error the temp folder is removed and `out` is untouched.
+    The one folder writer of lorafit (an adapter, a full model, a merged export, the model
+    cache). Yields the temp folder. When the block ends without error every file in it is
+    fsynced and the temp folder becomes `out`; an existing `out` is moved aside first and removed
+    only once the new one is in place (`replace=True`), or kept and the new one discarded
+    (`replace=False`: another process made it first, e.g. a parallel sweep job filling a cache).
+    On error (in the block or while moving) the temp folder is removed and `out` is as it was.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,16 +212,40 @@ def staged_dir(out: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         if out.exists() and not replace:
             shutil.rmtree(tmp)
             return
+        _fsync_tree(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / out.name)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the old folder back
+                os.replace(old / out.name, out)
+                old.rmdir()
+            raise
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (what a library such as transformers wrote
+    there with plain writes), so the rename that publishes it never points at lost data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
 
 
 # -- provenance ------------------------------------------------------------------------------------

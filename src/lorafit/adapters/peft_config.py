@@ -30,13 +30,13 @@ PEFT_DEFAULTS = {
     "modules_to_save": None,
     "rank_pattern": {},
     "alpha_pattern": {},
+    "use_dora": False,
+    "fan_in_fan_out": False,  # lorafit decides per layer: Conv1D is (in, out), Linear (out, in)
 }
 # Fields lorafit cannot honour, with the value that means "off"; any other value is refused.
 _UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "bias": "none",
-    "fan_in_fan_out": False,
     "layers_to_transform": None,
     "layers_pattern": None,
     "layer_replication": None,
@@ -73,7 +73,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: The file is missing.
         ValueError: Not JSON, ``peft_type`` is not ``"LORA"``, ``target_modules`` is missing, a
             field has the wrong type (``"use_rslora": "false"``), or ``lorafit.json`` is not JSON.
-        NotImplementedError: The config turns on a PEFT feature lorafit lacks (DoRA, bias, ...).
+        NotImplementedError: The config turns on a PEFT feature lorafit lacks (bias, ...), or
+            holds an unconverted PiSSA/OLoRA adapter.
     """
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
@@ -92,7 +93,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{extra} is not valid JSON ({e}); delete it or rewrite it.") from None
     if config.get("peft_type") != "LORA":
         raise ValueError(
-            f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA'."
+            f"{path}: field 'peft_type' is {config.get('peft_type')!r}; lorafit loads only 'LORA' "
+            "adapters. Load this one with PEFT (PeftModel.from_pretrained), or give the folder of "
+            "a LoRA adapter."
         )
     if not config.get("target_modules"):
         raise ValueError(f"{path}: field 'target_modules' is empty; cannot tell what to adapt.")
@@ -122,6 +125,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {  # field -> (check, wha
     "lora_alpha": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "lora_dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false (a JSON boolean)"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false (a JSON boolean)"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false (a JSON boolean)"),
     "target_modules": (_is_names, "a regex string or a list of module names"),
     "exclude_modules": (lambda v: v is None or _is_names(v), "null, a regex or a list of names"),
     "modules_to_save": (

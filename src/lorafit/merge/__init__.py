@@ -7,26 +7,41 @@ with a tight tolerance: a half-precision cast must not hide a wrong merge. It th
 output dtype (the base's own by default), writes ``config.json``, ``model.safetensors``, the
 tokenizer and ``generation_config.json`` to a temporary folder, reloads it with plain
 ``transformers``, checks the cast's error and the reload, and writes ``merge_report.json`` before
-renaming the folder into place: a failed check or write leaves nothing.
+renaming the folder into place: a failed check or write leaves nothing. The base an adapter goes
+on (shared with ``generate`` and ``analyze``): :mod:`.base`.
+An adapter trained on a quantized base (``lorafit.json``'s ``base_quantization``) merges into that
+base dequantized to float32. PiSSA/OLoRA adapters are saved converted to the original base.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from lorafit.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
+from lorafit.adapters import load_adapter, read_adapter_config
 from lorafit.lora import TiedEmbeddingsError, unwrap_lora
-from lorafit.models import AUTO_CLASSES, builtin_model, label_kwargs, resolve_model_dir, save_model
+from lorafit.merge.base import MergeError, find_adapter_dir, head_kwargs, load_base, resolve_base
+from lorafit.models import AUTO_CLASSES, save_model
 from lorafit.runinfo import staged_dir
+
+__all__ = [  # with the names of .base, re-exported here
+    "MergeError",
+    "find_adapter_dir",
+    "head_kwargs",
+    "load_base",
+    "resolve_base",
+    "merge_to_folder",
+]
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "merge_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,97 +63,6 @@ VERIFY_TEXT = (
     "The Eiffel Tower was built for the 1889 World's Fair in Paris. At 330 metres it was the "
     "tallest man-made structure in the world for forty-one years."
 )
-
-
-class MergeError(ValueError):
-    """A merge that cannot be done or failed its check; the message says what to change."""
-
-
-def find_adapter_dir(path: str | os.PathLike) -> Path:
-    """A run folder (``path/adapter``) or an adapter folder -> the adapter folder.
-
-    Raises:
-        FileNotFoundError: Neither holds ``adapter_config.json``.
-    """
-    path = Path(path)
-    for candidate in (path, path / "adapter"):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path} is neither a run folder (with adapter/{CONFIG_NAME}) nor an adapter folder "
-        f"(with {CONFIG_NAME}). Give the folder `lorafit train` wrote, or its adapter/ subfolder."
-    )
-
-
-def resolve_base(name_or_path: str | os.PathLike | None, adapter_dir: Path | None = None) -> str:
-    """A base model folder from ``--base``, a built-in name, or the adapter's config.
-
-    Raises:
-        MergeError: No base given and the adapter names none, or the folder is missing.
-    """
-    if name_or_path is None and adapter_dir is not None:
-        name_or_path = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not name_or_path:
-        raise MergeError(
-            f"No base model: {adapter_dir}/{CONFIG_NAME} has no base_model_name_or_path. "
-            "Pass --base DIR_OR_BUILTIN (e.g. --base smollm2_135m)."
-        )
-    builtin = builtin_model(str(name_or_path))
-    if builtin is not None:
-        return resolve_model_dir(builtin)
-    path = Path(name_or_path).expanduser()
-    if str(name_or_path).startswith(("/", ".", "~")) and not (path / "config.json").is_file():
-        where = f" (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME})" if adapter_dir else ""
-        raise MergeError(
-            f"Base model folder {path}{where} has no config.json here. Pass --base with the "
-            "folder or built-in name of the model the adapter was trained on."
-        )
-    return str(name_or_path)
-
-
-def head_kwargs(adapter_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """``from_pretrained`` kwargs that size a classifier head like the adapter's saved one.
-
-    lorafit writes the label names under ``config["lorafit"]["id2label"]``; for other SEQ_CLS
-    adapters (PEFT's own) the label count is read from the saved head weight
-    ``(num_labels, hidden)``: ``classifier.weight``, ``score.weight`` or
-    ``classifier.out_proj.weight`` (RoBERTa). Empty for other task types.
-    """
-    if config.get("task_type") != "SEQ_CLS":
-        return {}
-    id2label = (config.get("lorafit") or {}).get("id2label")
-    if id2label:
-        return label_kwargs([id2label[str(i)] for i in range(len(id2label))])
-    heads = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
-    with safe_open(adapter_dir / WEIGHTS_NAME, framework="pt") as f:
-        for key in f.keys():  # "base_model.model.classifier.weight"; not "pre_classifier.weight"
-            if any(key == h or key.endswith("." + h) for h in heads):
-                return {"num_labels": f.get_slice(key).get_shape()[0]}
-    return {}
-
-
-def load_base(
-    base_dir: str,
-    tokenizer_dir: Path | None,
-    task_type: str = "CAUSAL_LM",
-    **model_kwargs: Any,
-):
-    """Load the base model in float32 (eval mode, frozen) and a tokenizer that can pad.
-
-    The tokenizer comes from ``tokenizer_dir`` (lorafit saves it beside the adapter) when it holds
-    one, else from the base. ``model_kwargs`` go to ``from_pretrained`` (e.g. :func:`head_kwargs`).
-    Returns ``(model, tokenizer)``.
-    """
-    auto = AUTO_CLASSES.get(task_type or "CAUSAL_LM")
-    if auto is None:
-        raise MergeError(f"task_type {task_type!r} is not supported; use CAUSAL_LM or SEQ_CLS.")
-    model = auto.from_pretrained(base_dir, dtype=torch.float32, **model_kwargs)
-    model.eval().requires_grad_(False)
-    has_tok = tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if has_tok else base_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def verify_batch(tokenizer) -> dict[str, Tensor]:
@@ -292,14 +216,16 @@ def merge_to_folder(
     base_dir = resolve_base(base, adapter_dirs[0])
     source = "--dtype" if dtype else "the base's config.json"
     dtype = dtype or base_dtype(base_dir)
+    task, quant = first.get("task_type"), (first.get("lorafit") or {}).get("base_quantization")
     model, tokenizer = load_base(
-        base_dir, adapter_dirs[0], first.get("task_type"), **head_kwargs(adapter_dirs[0], first)
+        base_dir, adapter_dirs[0], task, quant, **head_kwargs(adapter_dirs[0], first)
     )
     report: dict[str, Any] = {
         "base": base_dir,
         "dtype": dtype,
         "dtype_source": source,
-        "task_type": first.get("task_type") or "CAUSAL_LM",
+        "task_type": task or "CAUSAL_LM",
+        "base_quantization": quant,  # None: a float base
     }
     try:
         report.update(_load_adapters(model, adapter_dirs, weights, combination, untie_embeddings))
