@@ -94,7 +94,7 @@ def test_a_row_that_cannot_be_rendered_is_named(smol_tokenizer, tmp_path):
     rows = [{"prompt": p, "completion": "A."} for p in ("Q1?", "Q2?", "boom", "Q4?")]
     tok = copy.copy(smol_tokenizer)  # the data module sets the template; keep the session's
     dm = module(tok, tmp_path, jsonl(tmp_path / "qa.jsonl", rows), template=template)
-    with pytest.raises(DataError, match=r"qa.jsonl'.*row 3 cannot be encoded.*no boom"):
+    with pytest.raises(DataError, match=r"qa.jsonl line 3: cannot be encoded.*no boom"):
         dm.setup()
 
 
@@ -137,12 +137,13 @@ def test_empty_answers_in_chat_rows_are_skipped_and_counted(smol_tokenizer, tmp_
         turns = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]
         return {"messages": turns}
 
-    rows = [chat(f"A{i}.") for i in range(3)] + [chat(""), chat("  \n")]
+    rows = [chat(f"A{i}.") for i in range(6)] + [chat(""), chat("  \n")]
     rows.append({"messages": [*chat("A.")["messages"], *chat("")["messages"]]})  # a later turn
-    dm = module(smol_tokenizer, tmp_path, jsonl(tmp_path / "chats.jsonl", rows))
+    path = jsonl(tmp_path / "chats.jsonl", rows)
+    dm = module(smol_tokenizer, tmp_path, path, val_examples=4)  # one answered row held out
     dm.setup()
     assert dm.stats["skipped_empty_answer"] == 3
-    assert dm.stats["train_examples"] + dm.stats["val_examples"] == 3
+    assert dm.stats["train_examples"] + dm.stats["val_examples"] == 6
 
 
 def test_classification_table_text_is_read_as_written(tmp_path):
@@ -176,7 +177,7 @@ def test_answers_cut_away_are_named_in_one_warning(smol_tokenizer, tmp_path, cap
     warnings = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
     assert len(warnings) == 1
     assert "data.max_length=64" in warnings[0] and "2 rows" in warnings[0]
-    assert "qa.jsonl" in warnings[0] and "rows 2, 5" in warnings[0]
+    assert "qa.jsonl lines 2, 5" in warnings[0]
 
 
 def test_every_answer_cut_away_is_an_error_naming_max_length(smol_tokenizer, tmp_path):

@@ -23,14 +23,14 @@ from typing import Any
 import datasets
 from transformers import DataCollatorForSeq2Seq
 
-from lorafit.data.formats import DataError, Message, Skip, drop_opening_turns
+from lorafit.data.formats import DataError, Message, RowError, Skip, drop_opening_turns
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ENCODING_VERSION = 3  # bump when the encoding below changes, so old caches are not reused
+ENCODING_VERSION = 4  # bump when the encoding below changes, so old caches are not reused
 
-# ChatML, the fallback when a tokenizer ships no chat template of its own.
+# ChatML (`data.template=chatml`), for a tokenizer that ships no chat template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
@@ -55,7 +55,9 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Columns of a tokenized split. `skip` is empty for a usable example, else the reason it is not;
 # `dropped` carries tail tokens that chunking left out (on a bookkeeping row with skip "tail");
 # `prompt_length` (tokens before the first label) and `full_length` are counted before truncation;
-# `note` names a change to a usable example that the stats count (opening assistant turn dropped).
+# `note` names a change to a usable example that the stats count (opening assistant turn dropped);
+# `row` is the 1-based number of the row it came from (0: a text chunk, or rows without numbers),
+# which `lorafit.data.reader.Locator` turns into a file and line.
 FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -68,6 +70,7 @@ FEATURES = datasets.Features(
         "prompt_length": datasets.Value("int32"),
         "full_length": datasets.Value("int32"),
         "note": datasets.Value("string"),
+        "row": datasets.Value("int64"),
     }
 )
 
@@ -80,17 +83,22 @@ def resolve_template(tokenizer, template: str | None) -> tuple[str, str]:
     """The chat template to use, as (name, Jinja source).
 
     Args:
-        template: None (the tokenizer's own, ChatML when it has none), `chatml`, `alpaca`, or a
-            Jinja template string (anything containing `{{` or `{%`).
+        template: None (the tokenizer's own), `chatml`, `alpaca`, or a Jinja template string
+            (anything containing `{{` or `{%`).
 
     Raises:
-        DataError: a name that is neither a known template nor Jinja.
+        DataError: a name that is neither a known template nor Jinja, or None with a tokenizer
+            that has no chat template (names the model and data.template: guessing one would
+            train the model on a format it was never given).
     """
     if template is None:
         if isinstance(tokenizer.chat_template, str):
             return "tokenizer", tokenizer.chat_template
-        log.warning("The tokenizer has no chat template; using ChatML (set data.template).")
-        template = "chatml"
+        raise DataError(
+            f"The tokenizer of '{tokenizer.name_or_path}' has no chat template, and this data is "
+            "chat data; set data.template=chatml (or alpaca, or a Jinja template) to choose the "
+            "format the model learns, or use a model whose tokenizer has one."
+        )
     if template in TEMPLATES:
         return template, TEMPLATES[template]
     if "{{" in template or "{%" in template:
@@ -102,7 +110,8 @@ def resolve_template(tokenizer, template: str | None) -> tuple[str, str]:
 
 
 def render(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """Render messages with the tokenizer's chat template (ChatML when it has none)."""
+    """Render messages with the tokenizer's chat template; ChatML when it has none (only
+    `lorafit generate` meets one: training data sets the template with `resolve_template`)."""
     return tokenizer.apply_chat_template(
         messages,
         tokenize=False,
@@ -256,6 +265,7 @@ def _row(
     prompt_length=0,
     full_length=None,
     note="",
+    row=0,
 ) -> dict[str, Any]:
     # Position 0's label is never a target after the causal shift, so it does not count.
     n_labels = sum(t != IGNORE_INDEX for t in labels[1:])
@@ -272,6 +282,7 @@ def _row(
         "prompt_length": prompt_length,
         "full_length": len(input_ids) if full_length is None else full_length,
         "note": note,
+        "row": row,
     }
 
 
@@ -281,16 +292,16 @@ def encode_chat_row(
     """`datasets.map` function for chat formats: one row -> one tokenized example (or a skip).
 
     Raises:
-        DataError: the row cannot be rendered (a template's own error, say); names the row by its
-            `row_key` field (1-based row number) when it has one.
+        RowError: the row cannot be rendered (a template's own error, say), with its `row_key`
+            field (1-based row number; 0 when it has none), so the data module names its line.
     """
+    number = row[row_key] if row_key and row_key in row else 0
     try:
         ex = encode_chat(tokenizer, convert(row), max_length, **masking)
     except Skip as s:
-        return _row(skip=s.args[0])
+        return _row(skip=s.args[0], row=number)
     except Exception as e:  # jinja2, transformers or our own errors: say which row
-        where = f"row {row[row_key]}" if row_key and row_key in row else "a row"
-        raise DataError(f"{where} cannot be encoded: {type(e).__name__}: {e}") from e
+        raise RowError(number, f"cannot be encoded: {type(e).__name__}: {e}") from e
     note = "dropped_opening_assistant_turn" if ex["opening_turns_dropped"] else ""
     return _row(
         ex["input_ids"],
@@ -299,23 +310,31 @@ def encode_chat_row(
         prompt_length=ex["prompt_length"],
         full_length=ex["full_length"],
         note=note,
+        row=number,
     )
 
 
 def encode_text_batch(
-    rows: dict[str, list], convert, tokenizer, block_size: int, stride: int, keep_boundaries: bool
+    rows: dict[str, list],
+    convert,
+    tokenizer,
+    block_size: int,
+    stride: int,
+    keep_boundaries: bool,
+    row_key: str | None = None,
 ) -> dict[str, list]:
     """Batched `datasets.map` function for `text`: documents -> chunks, eos after each document.
 
     Without `keep_boundaries` the documents of one batch (1,000 rows, as in transformers'
     run_clm.py `group_texts`) are concatenated before chunking, so a batch's tail is dropped.
+    A skipped document keeps its `row_key` number (a chunk has none: 0).
     """
     out, texts = [], []
     for i in range(len(next(iter(rows.values())))):
         try:
             texts.append(convert({k: v[i] for k, v in rows.items()}))
         except Skip as s:
-            out.append(_row(skip=s.args[0]))
+            out.append(_row(skip=s.args[0], row=rows[row_key][i] if row_key in rows else 0))
     eos = [tokenizer.eos_token_id]
     docs = (
         [d + eos for d in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
@@ -340,14 +359,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def right_padding(tokenizer):
-    """The tokenizer, or a shallow copy of it that pads on the right.
+    """The tokenizer, or a shallow copy of it that pads on the right (with eos when it has no
+    pad token).
 
     transformers' collators pad on the tokenizer's `padding_side`; training batches are right
-    padded, and the run's own tokenizer (saved with the adapter) is left as it is.
+    padded, and the run's own tokenizer (saved with the adapter) is left as it is. Padding with
+    eos leaves the real end-of-turn / eos tokens supervised: the collator puts -100 on padding
+    positions (by length, not by token id), so the model still learns to stop.
     """
-    if tokenizer.padding_side == "right":
+    if tokenizer.pad_token_id is None:  # a deep copy: special tokens are shared by copy.copy
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.padding_side == "right":
         return tokenizer
-    tokenizer = copy.copy(tokenizer)
+    else:
+        tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -40,8 +40,17 @@ class DataError(ValueError):
     """Bad data input; the message names the file (and line) or config key to fix."""
 
 
+class RowError(DataError):
+    """A row that stops the run: `args` are (its 1-based row number in its split, the problem);
+    the data module names the file and line (`lorafit.data.reader.Locator`)."""
+
+    def __str__(self) -> str:
+        return f"row {self.args[0]}: {self.args[1]}"
+
+
 class Skip(Exception):  # noqa: N818 (a signal, not an error)
-    """A row that cannot become a training example; `args[0]` is the reason counted in stats."""
+    """A row that cannot become a training example; `args[0]` is the reason counted in stats,
+    naming the field where there is one (`missing_output`, `non_string_content`)."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -64,18 +73,20 @@ def get_field(row: Any, path: str) -> Any:
     return row
 
 
-def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
+def detect_format(columns: list[str], first_row: dict[str, Any], where: str = "") -> str:
     """Pick a format from the column names (and, for `conversations`, the first turn's keys).
 
     Raises:
-        DataError: no known column set; names the columns and the `data.columns` fix.
+        DataError: no known column set; names the data (`where`), the columns and the
+            `data.columns` fix.
     """
     cols = set(columns)
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
         turns = first_row.get("conversations") or [{}]
-        return "sharegpt" if isinstance(turns[0], dict) and "from" in turns[0] else "messages"
+        first = turns[0] if isinstance(turns, list) else None
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
@@ -83,7 +94,8 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
     if "text" in cols:
         return "text"
     raise DataError(
-        f"data.format=auto cannot tell the format from the columns {sorted(cols)}. Set "
+        (f"{where}: " if where else "")
+        + f"data.format=auto cannot tell the format from the columns {sorted(cols)}. Set "
         f"data.format to one of {list(FORMATS)}, or map your fields, e.g. "
         "data.format=columns 'data.columns={prompt: question, response: answer}' "
         "(nested paths work, quoted for Hydra: \"data.columns={prompt: 'instances[0].input', "
@@ -96,12 +108,37 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
 
 
 def _text(value: Any, what: str) -> str:
-    """A message content as a string; OpenAI content parts `[{"type": "text", ...}]` joined."""
-    if isinstance(value, list):
-        value = "".join(p.get("text") or "" for p in value if isinstance(p, dict))
+    """A field's text: a string as it is, OpenAI content parts `[{"type": "text", ...}]` joined.
+
+    Raises:
+        Skip: `missing_<what>` for a null or absent field, `non_string_<what>` for any other
+            value (a JSON number has lost its written form: `1.50` reads as 1.5; an object or a
+            boolean is no text).
+    """
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        value = "".join(str(p.get("text") or "") for p in value)
     if value is None:
         raise Skip(f"missing_{what}")
-    return str(value)
+    if not isinstance(value, str):
+        raise Skip(f"non_string_{what}")
+    return value
+
+
+def _document(value: Any, what: str) -> str:
+    """A `text` row's document; an empty or blank one is skipped (`empty_<what>`)."""
+    text = _text(value, what)
+    if not text.strip():
+        raise Skip(f"empty_{what}")
+    return text
+
+
+def _turns(turns: Any, what: str) -> list[dict]:
+    """A conversation's turns: a non-empty list of objects (else `missing_`/`non_list_`...)."""
+    if turns is None or turns == []:
+        raise Skip(f"missing_{what}")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise Skip(f"malformed_{what}")
+    return turns
 
 
 def first_user_turn(msgs: list[Message]) -> int:
@@ -136,11 +173,9 @@ def _checked(msgs: list[Message]) -> list[Message]:
 
 def from_messages(turns: Any) -> list[Message]:
     """OpenAI-style `[{"role": "system"|"user"|"assistant", "content": ...}, ...]`."""
-    if not isinstance(turns, list) or not turns:
-        raise Skip("missing_messages")
     msgs = []
-    for t in turns:
-        role = (t or {}).get("role")
+    for t in _turns(turns, "messages"):
+        role = t.get("role")
         if role not in ROLES:
             raise Skip(f"unknown_role_{role}")
         msgs.append({"role": role, "content": _text(t.get("content"), "content")})
@@ -149,28 +184,38 @@ def from_messages(turns: Any) -> list[Message]:
 
 def from_sharegpt(turns: Any) -> list[Message]:
     """ShareGPT `[{"from": "human"|"gpt"|"system", "value": ...}, ...]`."""
-    if not isinstance(turns, list) or not turns:
-        raise Skip("missing_conversations")
     msgs = []
-    for t in turns:
-        role = SHAREGPT_ROLES.get(str((t or {}).get("from")).lower())
+    for t in _turns(turns, "conversations"):
+        role = SHAREGPT_ROLES.get(str(t.get("from")).lower())
         if role is None:
-            raise Skip(f"unknown_role_{(t or {}).get('from')}")
+            raise Skip(f"unknown_role_{t.get('from')}")
         msgs.append({"role": role, "content": _text(t.get("value"), "value")})
     return _checked(msgs)
 
 
+PAIR_FIELDS = ("prompt", "response", "system", "input")
+
+
 def from_pair(
-    prompt: Any, response: Any, system: Any = None, extra_input: Any = None
+    prompt: Any,
+    response: Any,
+    system: Any = None,
+    extra_input: Any = None,
+    fields: tuple[str, ...] = PAIR_FIELDS,
 ) -> list[Message]:
-    """One user turn (prompt, then `input` after a blank line, as Alpaca does) and one answer."""
-    user = _text(prompt, "prompt")
+    """One user turn (prompt, then `input` after a blank line, as Alpaca does) and one answer.
+
+    `fields` are the row's names for the four values; skip reasons name them (`missing_output`).
+    """
+    user = _text(prompt, fields[0])
     if extra_input not in (None, ""):
-        user = f"{user}\n\n{extra_input}"
-    msgs = [{"role": "system", "content": str(system)}] if system not in (None, "") else []
+        user = f"{user}\n\n{_text(extra_input, fields[3])}"
+    msgs = []
+    if system not in (None, ""):
+        msgs.append({"role": "system", "content": _text(system, fields[2])})
     msgs += [
         {"role": "user", "content": user},
-        {"role": "assistant", "content": _text(response, "response")},
+        {"role": "assistant", "content": _text(response, fields[1])},
     ]
     return _checked(msgs)
 
@@ -192,11 +237,14 @@ def make_converter(fmt: str, columns: dict[str, str] | None = None) -> Callable[
     if fmt == "sharegpt":
         return lambda r: from_sharegpt(r.get("conversations"))
     if fmt == "alpaca":
-        return lambda r: from_pair(r.get("instruction"), r.get("output"), None, r.get("input"))
+        names = ("instruction", "output", "system", "input")
+        return lambda r: from_pair(
+            r.get("instruction"), r.get("output"), None, r.get("input"), names
+        )
     if fmt == "prompt_completion":
         return _prompt_completion
     if fmt == "text":
-        return lambda r: _text(r.get("text"), "text")
+        return lambda r: _document(r.get("text"), "text")
     if fmt != "columns":
         raise DataError(f"data.format='{fmt}' is unknown; use auto or one of {list(FORMATS)}.")
     cols = dict(columns or {})
@@ -210,10 +258,10 @@ def make_converter(fmt: str, columns: dict[str, str] | None = None) -> Callable[
     if "messages" in cols:
         return lambda r: from_messages(get_field(r, cols["messages"]))
     if "text" in cols:
-        return lambda r: _text(get_field(r, cols["text"]), "text")
+        return lambda r: _document(get_field(r, cols["text"]), cols["text"])
+    names = tuple(cols.get(k, k) for k in PAIR_FIELDS)
     return lambda r: from_pair(
-        *(get_field(r, cols[k]) if k in cols else None for k in ("prompt", "response")),
-        *(get_field(r, cols[k]) if k in cols else None for k in ("system", "input")),
+        *(get_field(r, cols[k]) if k in cols else None for k in PAIR_FIELDS), fields=names
     )
 
 
@@ -222,4 +270,20 @@ def _prompt_completion(row: dict) -> list[Message]:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):
         return from_messages(prompt + completion)
-    return from_pair(prompt, completion)
+    return from_pair(prompt, completion, fields=("prompt", "completion", "system", "input"))
+
+
+def held_out_prompts(rows, convert, k: int) -> list[tuple[list[Message], str]]:
+    """Up to k held-out prompts for samples.jsonl: a conversation up to its last assistant turn,
+    with that turn as the reference answer (rows that cannot train are passed over)."""
+    out = []
+    for row in rows:
+        if len(out) >= k:
+            break
+        try:
+            msgs, _ = drop_opening_turns(convert(row))
+        except Skip:
+            continue
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        out.append((msgs[:last], msgs[last]["content"]))
+    return out

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import yaml
 
 from lorafit.assets import package_file
 from lorafit.data.formats import DataError, Message
+from lorafit.data.reader import Locator, Scan, SkipLog, decode, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +45,49 @@ INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # an integer as written, no leading 
 # Loading
 
 
-def load_splits(
+@dataclass
+class Read:
+    """What `read_splits` read: the splits, a `Locator` per split (names rows by file and line),
+    and the reader's counts (`decoded_replaced_lines`, `files_with_bom`)."""
+
+    splits: Any
+    locators: dict[str, Locator] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+
+
+def load_splits(path: str, *args, **kwargs) -> Any:
+    """The splits of `read_splits` alone (same arguments)."""
+    return read_splits(path, *args, **kwargs).splits
+
+
+def read_splits(
     path: str,
     data_files: Any = None,
     revision: str | None = None,
     name: str | None = None,
     streaming: bool = False,
     key: str = "data.path",
-) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    encoding: str = "utf-8",
+    encoding_errors: str | None = None,
+    cache_dir: str | None = None,
+) -> Read:
     """Load every split of a local file, folder, glob or hub id with `datasets.load_dataset`.
 
     A file or glob picks the builder from its suffix (`.jsonl` -> json, `.tsv` -> csv with tab
     separator, `.txt` -> text, ...); a folder written by `save_to_disk` is read with
     `load_from_disk`; any other folder, a builder name (`json` with `data_files`) or a hub id goes
-    to `load_dataset` as it is, which infers the rest.
+    to `load_dataset` as it is, which infers the rest. Local text files named by the path or by
+    `data_files` go through the reader first (`lorafit.data.reader.scan_files`: `encoding`,
+    `encoding_errors`, byte order marks, line numbers), except when streaming.
 
     CSV / TSV cells are read as the text they hold (`csv_as_text`): `12` stays `12`, not `12.0`
     when a cell of its column is blank; `007` stays `007`; `null`, `NA` and `nan` stay text; a
     blank cell is the empty string.
 
     Raises:
-        DataError: nothing matches `path`, or `datasets` cannot read it (names `key`, the config
-            key that gave the path, the path and why).
+        DataError: nothing matches `path`, bytes not valid in `encoding` (names file, line and
+            byte offset), or `datasets` cannot read it (names `key`, the config key that gave
+            the path, the path and why).
     """
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"revision": revision, "streaming": streaming}
@@ -72,7 +95,8 @@ def load_splits(
         kwargs["data_files"] = data_files
     if local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json", "state.json")):
         saved = datasets.load_from_disk(str(local))  # a folder written by `save_to_disk`
-        return {"train": saved} if isinstance(saved, datasets.Dataset) else saved
+        splits = {"train": saved} if isinstance(saved, datasets.Dataset) else saved
+        return located(splits, {}, f"{key}='{path}'")
     if local.is_file() or glob.has_magic(path):
         matches = [local] if local.is_file() else sorted(Path(p) for p in glob.glob(path))
         if not matches:
@@ -99,23 +123,47 @@ def load_splits(
         )
     else:
         args = (str(local) if local.is_dir() else path, name)
+    scans: dict[str, Scan] = {}
+    files = kwargs.get("data_files")
+    if files is not None and not streaming:
+        cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "lorafit_decoded"
+        per_split = files if isinstance(files, dict) else {"train": files}
+        for split, fs in per_split.items():
+            fs = [fs] if isinstance(fs, str | os.PathLike) else list(fs)
+            scans[split] = scan_files(fs, encoding, encoding_errors, cache, key)
+        read = {s: scan.read for s, scan in scans.items()}
+        kwargs["data_files"] = read if isinstance(files, dict) else read["train"]
     if args[0] == "csv":
         kwargs.update(csv_as_text(kwargs.get("data_files"), kwargs.get("sep", ",")))
     try:
         splits = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
-        if args[0] == "json" and (where := first_bad_json_line(kwargs["data_files"])):
+        if args[0] == "json" and (where := first_bad_json_line(data_files or files)):
             raise DataError(
                 f"{key}='{path}': {where}. Each line of a .jsonl file must be one JSON object."
             ) from None
+        cause = e.__cause__ or e  # datasets wraps the reader's error (DatasetGenerationError)
         raise DataError(
             f"{key}='{path}' could not be read by datasets.load_dataset: "
-            f"{type(e).__name__}: {e}. Check that the file is well formed (one JSON object per "
-            "line for .jsonl, a header row for .csv) or that the hub id (and revision) exist."
+            f"{type(cause).__name__}: {str(cause).strip()}. Check that the file is well formed "
+            "(one JSON object per line for .jsonl, a header row for .csv) or that the hub id "
+            "(and revision) exist."
         ) from None
     if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
         splits = {"train": splits}
-    return splits
+    return located(splits, scans, f"{key}='{path}'")
+
+
+def located(splits: Any, scans: dict[str, Scan], where: str) -> Read:
+    """The splits with a `Locator` each (by file and line where `scans` has the split's files,
+    else by row number in `where`) and the scans' counts."""
+    out = Read(splits)
+    for split, rows in splits.items():
+        n = len(rows) if isinstance(rows, datasets.Dataset) else None
+        scan = scans.get(split) or Scan()
+        out.locators[split] = Locator(scan.files, n, where)
+        out.counts.update(scan.counts)
+    return out
 
 
 def _local_files(files: Any) -> list[Path]:
@@ -156,7 +204,7 @@ def first_bad_json_line(files: Any) -> str | None:
             p = Path(f)
             if not p.is_file():
                 return None
-            with p.open(encoding="utf-8", errors="replace") as fh:
+            with p.open(encoding="utf-8-sig", errors="replace") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -166,6 +214,8 @@ def first_bad_json_line(files: Any) -> str | None:
                         if n == 1:  # maybe one (pretty-printed) JSON document, not JSON Lines
                             return None
                         return f"{p} line {n}: not valid JSON ({e.msg}, column {e.colno})"
+                    if n == 1 and isinstance(row, list):  # one JSON document: an array
+                        return None
                     if not isinstance(row, dict):
                         return f"{p} line {n}: a JSON {type(row).__name__}, not an object"
     return None
@@ -232,9 +282,9 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
     for f in sorted(root.glob("*/*.txt")):
         raw = f.read_bytes()
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
+            text = decode(raw, f, "utf-8", None, "data.source=bbc_news")[0]
+        except DataError:  # the reader's error for bytes that are not UTF-8
+            text = decode(raw, f, "latin-1", None, "data.source=bbc_news")[0]
             counts["decoded_latin1"] += 1  # read, not skipped
         if text in seen:
             counts["skipped_duplicate"] += 1
@@ -247,19 +297,29 @@ def load_bbc_news() -> tuple[list[str], list[str], Counter]:
     return texts, labels, counts
 
 
-def read_table(path: str | os.PathLike, text_column: str, label_column: str, key: str):
+def read_table(
+    path: str | os.PathLike,
+    text_column: str,
+    label_column: str,
+    key: str,
+    encoding: str = "utf-8",
+    encoding_errors: str | None = None,
+):
     """Read a table's text and label columns; rows are loaded by `load_splits`.
 
     So a CSV / TSV / JSONL / parquet file, a glob, a `save_to_disk` folder or a hub id all work;
     of several splits the `train` one is read. Texts are read as written (CSV cells are text).
     Labels that are all integers written as text (`0`, `12`, as a CSV holds them) become ints;
     any other label set stays as it is (`007` and `7` are two labels). Rows with an empty text or
-    no label are skipped and counted (`skipped_empty_text`, `skipped_missing_label`).
+    no label are skipped and counted (`skipped_empty_text`, `skipped_missing_label`; a text that
+    is not a string or a label that is a list or object: `skipped_non_string_text`,
+    `skipped_non_scalar_label`), and logged once with their lines (`lorafit.data.reader`).
 
     Args:
         path: the file (or glob, folder, hub id).
         text_column, label_column: column names (`data.text_column`, `data.label_column`).
         key: the config key that named the file, for error messages (`data.path`, ...).
+        encoding, encoding_errors: how local files are decoded (`lorafit.data.reader.decode`).
 
     Returns:
         (texts, raw labels (str or int), Counter of skipped rows by `skipped_<reason>`).
@@ -268,7 +328,8 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, key
         DataError: unreadable or missing input, unknown extension, or a missing column (lists the
             present ones).
     """
-    splits = load_splits(str(path), key=key)
+    read = read_splits(str(path), key=key, encoding=encoding, encoding_errors=encoding_errors)
+    splits = read.splits
     name = "train" if "train" in splits else next(iter(splits))
     if len(splits) > 1:
         log.warning(
@@ -286,15 +347,22 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, key
                 f"{path}: no column '{col}' (data.{role}); the columns are {ds.column_names}. "
                 f"Set data.{role}=<one of them>."
             )
-    texts, labels, skipped = [], [], Counter()
-    for text, label in zip(ds[text_column], ds[label_column], strict=True):
+    texts, labels, skips = [], [], SkipLog()
+    for row, (text, label) in enumerate(zip(ds[text_column], ds[label_column], strict=True), 1):
         if text is None or not str(text).strip():
-            skipped["skipped_empty_text"] += 1
+            skips.add("empty_text", [row], read.locators[name])
+        elif not isinstance(text, str):  # a JSON number or object: no text as written
+            skips.add("non_string_text", [row], read.locators[name])
         elif label is None or (isinstance(label, str) and not label.strip()):
-            skipped["skipped_missing_label"] += 1
+            skips.add("missing_label", [row], read.locators[name])
+        elif isinstance(label, dict | list):  # no label value (and cannot be hashed)
+            skips.add("non_scalar_label", [row], read.locators[name])
         else:
-            texts.append(str(text))
+            texts.append(text)
             labels.append(label.strip() if isinstance(label, str) else label)
+    skipped = skips.counts()
+    skipped.update(read.counts)
+    skips.report()
     if labels and all(isinstance(y, str) and INTEGER.fullmatch(y) for y in labels):
         labels = [int(y) for y in labels]
     return texts, labels, skipped

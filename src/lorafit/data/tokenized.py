@@ -21,6 +21,7 @@ import numpy as np
 
 from lorafit.data.encoding import FEATURES
 from lorafit.data.formats import DataError
+from lorafit.data.reader import Locator, SkipLog, name_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,18 @@ def numbered(rows):
     return rows.add_column(ROW, np.arange(1, len(rows) + 1), new_fingerprint=key)
 
 
-def first_few(numbers: list[int], k: int = 5) -> str:
-    """`"2, 5, 9"`, or `"2, 5, 9, 11, 12, ... (40 in all)"` past k numbers."""
-    more = f", ... ({len(numbers)} in all)" if len(numbers) > k else ""
-    return ", ".join(map(str, numbers[:k])) + more
-
-
 def log_padding(tokenizer) -> None:
     """Log the pad token batches are padded with, and whether it is the end-of-sequence token."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+    if tokenizer.pad_token_id is None:
+        log.info(
+            "Data: the tokenizer has no pad token; batches are padded with eos %r (id %s), "
+            "masked by attention_mask and -100 labels, so end tokens inside examples are still "
+            "trained.",
+            tokenizer.eos_token,
+            tokenizer.eos_token_id,
+        )
+        return
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
         how = (
             "the same as eos: padding is excluded by attention_mask and -100 labels, so end "
             "tokens inside examples are still trained"
@@ -101,58 +105,84 @@ def cached_map(
     return out, key, hit
 
 
-def keep_usable(tok, counts: Counter):
-    """Count skips, notes, truncations and dropped tail tokens; return the usable rows."""
-    skips = tok["skip"]
-    counts.update(f"skipped_{s}" for s in skips if s and s != "tail")
-    counts.update(n for n, s in zip(tok["note"], skips, strict=True) if n and not s)
+def keep_usable(tok, counts: Counter, skips: SkipLog, locator: Locator):
+    """Count skips (in `skips`, named by their `row` numbers), notes, truncations and dropped
+    tail tokens; return the usable rows."""
+    skipped = tok["skip"]
+    counts.update(n for n, s in zip(tok["note"], skipped, strict=True) if n and not s)
     counts["truncated"] += sum(tok["truncated"])
     counts["dropped_tail_tokens"] += sum(tok["dropped"])
-    keep = [i for i, s in enumerate(skips) if not s]
+    by_reason: dict[str, list[int]] = {}
+    for i, s in enumerate(skipped):
+        if s and s != "tail":
+            by_reason.setdefault(s, []).append(i)
+    for reason, idx in by_reason.items():
+        numbers = tok.select(idx)["row"]
+        if all(numbers):
+            skips.add(reason, numbers, locator)
+        else:  # rows without numbers (a stream's)
+            skips.add(reason, n=len(idx))
+    keep = [i for i, s in enumerate(skipped) if not s]
     return tok.select(keep) if len(keep) < len(tok) else tok
 
 
+def check_not_empty(n_train: int, n_val: int, counts: Counter, where: str) -> None:
+    """Raises DataError when no training or no validation example is left after reading and
+    filtering; names the data, the skip counts and, for missing fields, data.format."""
+    empty = [s for s, n in (("training", n_train), ("validation", n_val)) if n == 0]
+    if not empty:
+        return
+    skipped = {k: v for k, v in counts.items() if k.startswith("skipped_") and v}
+    missing = [k for k in skipped if k.startswith(("skipped_missing_", "skipped_non_string_"))]
+    raise DataError(
+        f"{where}: no {' and no '.join(empty)} example is left after reading and filtering the "
+        f"data (rows skipped: {skipped or 'none'}). "
+        + (
+            f"Rows lack the fields that data.format needs ({', '.join(missing)}): check "
+            "data.format / data.columns against the file's fields."
+            if missing
+            else "Give more data, or change data.val_fraction / data.val_examples so that both "
+            "splits keep rows."
+        )
+    )
+
+
 def check_cut_answers(
-    splits: dict[str, tuple[Any, Any]],
+    splits: dict[str, tuple[Any, Locator]],
     n_train: int,
     n_val: int,
     counts: Counter,
     max_length: int,
     rows_read: int,
     where: str,
-    one_numbering: bool,
 ) -> None:
-    """Warn once about rows skipped because `max_length` cut away their whole answer, with their
-    row numbers; when that leaves a split empty, raise an error naming data.max_length.
+    """Warn once about rows skipped because `max_length` cut away their whole answer, naming
+    them by file and line; when that leaves a split empty, raise an error naming data.max_length.
 
     Args:
-        splits: split -> (tokenized rows, the rows they came from, with `ROW` numbers).
+        splits: split -> (tokenized rows, with `row` numbers, and the `Locator` of their
+            source split).
         n_train, n_val: usable examples left in each split.
         counts: the skip counts so far (others are named in the error).
-    max_length: `data.max_length`; `rows_read` the rows read in all; `where` names the data.
-    one_numbering: validation was cut from the training rows, so they share one numbering.
+        max_length: `data.max_length`; `rows_read` the rows read in all; `where` names the data.
 
     Raises:
         DataError: a split has no example left and rows were cut away: names data.max_length,
             the number of rows cut away, their prompts' shortest and longest token counts and
             the max_length that keeps them.
     """
-    numbers, prompts, whole = {}, [], []
-    for split, (tok, rows) in splits.items():
+    located, prompts, whole = [], [], []
+    for tok, locator in splits.values():
         idx = [i for i, s in enumerate(tok["skip"]) if s == TRUNCATED_AWAY]
         if not idx:
             continue
         cut = tok.select(idx)
         prompts += cut["prompt_length"]
         whole += cut["full_length"]
-        has_rows = ROW in (rows.column_names or [])
-        numbers[split] = rows.select(idx)[ROW] if has_rows else [i + 1 for i in idx]
+        located += [locator.locate(n) for n in cut["row"]]
     if not prompts:
         return
-    if one_numbering:
-        listed = "rows " + first_few(sorted(n for ns in numbers.values() for n in ns))
-    else:
-        listed = "; ".join(f"{s} rows {first_few(sorted(ns))}" for s, ns in numbers.items())
+    listed = name_rows(located)
     lo, hi, n = min(prompts), max(prompts), len(prompts)
     lengths = f"{lo} to {hi}" if lo < hi else f"all {hi}"
     keep = (
