@@ -19,7 +19,7 @@ from transformers import (
 
 from conftest import TINY_BERT, TINY_LLAMA
 from lorafit.config import CONF_DIR, SWEEPS_DIR
-from lorafit.lora import LoRAConfig, lora_modules
+from lorafit.lora import LoRAConfig, lora_modules, param_groups
 from lorafit.models import ModelConfig
 from lorafit.tasks.base import LoRAModule
 from lorafit.train import make_trainer, validate
@@ -111,7 +111,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         report = lora.inject(model)
         assert report.trainable_params > 0 and next(lora_modules(model), None) is not None
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model)  # as the task module's configure_optimizers passes them
     optimizer = instantiate(cfg.optimizer)(params)
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=20)
     module = instantiate(cfg.task)(model=model, optimizer=instantiate(cfg.optimizer))
@@ -120,7 +120,10 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         optimizer.step()
         scheduler.step()
 
-    trainer = make_trainer(cfg)  # every logger and callback of the composed config
+    if cfg.trainer.accelerator == "gpu":  # fsdp, deepspeed_*: GPU presets, composed and checked
+        check_gpu_strategy(cfg.trainer.strategy, model)
+        return
+    trainer = make_trainer(cfg, model)  # every logger and callback of the composed config
     assert len(trainer.loggers) == len(cfg.logger or {})
     for node in (cfg.callbacks or {}).values():
         assert any(type(c).__name__ == node._target_.rsplit(".", 1)[-1] for c in trainer.callbacks)
@@ -264,3 +267,23 @@ def test_bf16_precision_falls_back_to_32_bit_on_a_cpu_without_bf16(
         validate(cfg)
     assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
     assert ("no native bfloat16" in caplog.text) is not native
+
+
+def check_gpu_strategy(strategy, model) -> None:
+    """A GPU-only strategy preset builds its strategy object here (FSDP, with the model's layer
+    class as wrap unit), or, for DeepSpeed where it is not installed, fails naming deepspeed."""
+    from lorafit.distributed import layer_classes, strategy_kwargs
+
+    if strategy._target_.endswith("FSDPStrategy"):
+        built = strategy_kwargs(strategy, model)["strategy"]
+        assert built.kwargs["use_orig_params"] is True
+        assert layer_classes(model) == {type(model.model.layers[0])}
+        return
+    assert strategy._target_.endswith("DeepSpeedStrategy") and strategy.stage in (2, 3)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(Exception, match="(?i)deepspeed"):
+            instantiate(strategy)
+    else:
+        assert instantiate(strategy).config["zero_optimization"]["stage"] == strategy.stage

@@ -18,6 +18,7 @@ QUICK = [
     "data.max_train_examples=64",
     "samples.num_prompts=2",
     "samples.max_new_tokens=8",
+    "eval.general_docs=16",
 ]
 
 

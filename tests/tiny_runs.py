@@ -63,3 +63,25 @@ def train_run(run_dir: Path, *overrides: str) -> dict:
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter/adapter_model.safetensors")
+
+
+class SignalAt:
+    """Test callback (`+callbacks.kill._target_=tiny_runs.SignalAt +callbacks.kill.step=K
+    +callbacks.kill.signum=N`): send signal N to this process (`group`: to its whole process group,
+    every DDP rank) in the middle of optimizer step K+1 (at its backward pass), in a run that did
+    not start from a checkpoint."""
+
+    def __new__(cls, step: int, signum: int, group: bool = False):
+        import os
+
+        import lightning as L
+
+        class _SignalAt(L.Callback):
+            def on_before_backward(self, trainer, pl_module, loss):
+                if trainer.global_step == step and trainer.ckpt_path is None:
+                    if group:
+                        os.killpg(os.getpgrp(), signum)
+                    elif trainer.is_global_zero:
+                        os.kill(os.getpid(), signum)
+
+        return _SignalAt()

@@ -65,8 +65,8 @@ def save_lora(
         task_type=task_type,
         modules_to_save=heads or None,
         extra=extra,
+        tokenizer=tokenizer,  # the template used for training travels with it, in one write
     )
-    tokenizer.save_pretrained(adapter_dir)  # the template used for training travels with it
     return (adapter_dir / WEIGHTS_NAME).stat().st_size
 
 
@@ -89,20 +89,27 @@ def write_samples(model: nn.Module, tokenizer, prompts, max_new_tokens: int, pat
 
 def read_logged(csv_path: Path, key: str) -> list[tuple[int, float]]:
     """`(step, value)` pairs of one column of a Lightning CSVLogger `metrics.csv` (empty cells and
-    a missing file give nothing)."""
-    if not csv_path.is_file():
-        return []
-    with csv_path.open(newline="") as fh:
-        return [
-            (int(row["step"]), float(row[key]))
-            for row in csv.DictReader(fh)
-            if row.get(key) not in (None, "")
-        ]
+    a missing file give nothing), sorted by step. The parts a resumed run set aside before
+    Lightning restarted the file (`metrics.part<N>.csv`, see `lorafit.reproduce.resume_argv`) come
+    first; a step logged again after the resume takes the later value."""
+    parts = sorted(
+        csv_path.parent.glob(f"{csv_path.stem}.part*.csv"),
+        key=lambda p: int(p.stem.rsplit("part", 1)[1]),
+    )
+    values: dict[int, float] = {}
+    for part in [*parts, csv_path]:
+        if not part.is_file():
+            continue
+        with part.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get(key) not in (None, ""):
+                    values[int(row["step"])] = float(row[key])
+    return sorted(values.items())
 
 
 def plot_loss_curve(csv_path: Path, path: Path, title: str, ylabel: str):
-    """Draw `train/loss` and `val/loss` from the CSV logger's file (which a resumed run keeps
-    appending to) as PNG.
+    """Draw `train/loss` and `val/loss` from the CSV logger's file (and the parts before a
+    resume, `read_logged`) as PNG.
 
     Returns:
         The matplotlib figure (saved and closed), or None, drawing nothing, when the file has no
@@ -158,7 +165,8 @@ def run_metrics(
     Args:
         cfg: the composed run config (an OmegaConf node); recorded resolved under `config`.
         task: the task's LightningModule class; `module` and `trainer` the fitted ones.
-        before, after: validation metrics before and after training (`eval_loss`, ...).
+        before, after: validation metrics before and after training (`eval_loss`, ...), and
+            `general_loss` (the loss on text outside the task) when it was measured.
         task_metrics: the task's own entries (`module.after_fit`).
         adapter_bytes: size of the adapter (or full model) weights; `train_seconds` wall time of
             `trainer.fit`; `threads` torch's intra-op threads.
@@ -183,9 +191,22 @@ def run_metrics(
         "eval_loss_reduction": 1 - eval_after / eval_before,
         **{f"{k}_before": v for k, v in before.items()},
         **{f"{k}_after": v for k, v in after.items()},
+        # forgetting: loss on text outside the task (`eval`, lorafit.tasks.general); causal_lm only
+        **(
+            {"general_loss_increase": after["general_loss"] - before["general_loss"]}
+            if "general_loss" in before and "general_loss" in after
+            else {}
+        ),
         **task_metrics,
         "train_steps": trainer.global_step,
+        # one optimizer step: micro_batch_size x accumulate_grad_batches x world_size examples
+        "global_batch_size": datamodule.batch_size * datamodule.accumulate * trainer.world_size,
+        "micro_batch_size": datamodule.batch_size,
+        "accumulate_grad_batches": datamodule.accumulate,
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
         "train_tokens": module.train_tokens,
+        "skipped_nonfinite_steps": module.skipped_nonfinite,  # trainer.skip_nonfinite_batches
         "train_tokens_per_s": module.train_tokens / max(module.train_time, 1e-9),
         "train_seconds": train_seconds,
         "peak_rss_mb": runinfo.peak_rss_mb(),

@@ -8,16 +8,19 @@ ordinary options (`lorafit merge --help`).
 from __future__ import annotations
 
 import argparse
+import runpy
 import sys
 
 USAGE = """usage: lorafit COMMAND [ARGS]
 
 commands:
   train [overrides]   fine-tune (Hydra overrides; -m for a multirun; --help for config groups)
+  train --dry-run [overrides]   check config, data and targets, print the run's size; no folder
   merge SOURCE --out DIR   merge an adapter into its base, write a plain transformers folder
   generate [SOURCE]   answer prompts with a base, adapter, run or merged folder (--compare)
   report DIR          summary.csv, summary.md, tradeoff.png of a multirun folder
   reproduce RUN_DIR   re-run a run from its folder and compare the metrics
+  analyze RUN [RUN_B] what the adapter learned: spectra, effective rank, rank advice (--out DIR)
 """
 
 
@@ -116,21 +119,66 @@ def generate(argv: list[str]) -> int:
     return 0
 
 
+def analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit analyze",
+        description="What a LoRA update learned, per adapted layer (float32, CPU): singular "
+        "values of scaling*B*A, effective ranks, stable rank, |dW|/|W|, the LoRA paper's "
+        "amplification factor, intruder dimensions; with RUN_B the subspace similarity of the two "
+        "runs' lora_A. Writes analysis.json, analysis.md, spectrum.png (and "
+        "subspace_similarity.png).",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder or adapter folder")
+    p.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run to compare with")
+    p.add_argument("--out", help="folder for the files (default: RUN)")
+    p.add_argument("--base", help="base model folder or built-in name (default: from the adapter)")
+    p.add_argument("--energy", type=float, default=0.9, help="effective-rank energy share")
+    p.add_argument("--intruder-threshold", type=float, default=0.5, help="max |cos| of an intruder")
+    p.add_argument("--intruder-top-k", type=int, default=10, help="tuned singular vectors examined")
+    return p
+
+
+def analyze(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from lorafit.analyze import analyze as run_analysis
+
+    a = analyze_parser().parse_args(argv)
+    result = run_analysis(
+        a.run,
+        a.run_b,
+        a.out,
+        base=a.base,
+        energy=a.energy,
+        intruder_threshold=a.intruder_threshold,
+        intruder_top_k=a.intruder_top_k,
+    )
+    plots = "spectrum.png" + (", subspace_similarity.png" if a.run_b else "")
+    print(f"{result['rank_advice']['text']}")
+    print(f"wrote analysis.json, analysis.md, {plots} in {Path(a.out or a.run)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from lorafit import train
+    if command == "train" and {"--dry-run", "dry_run=true", "+dry_run=true"} & set(rest):
+        from lorafit.dryrun import main as dry_run  # checks and sizes the run; no run folder
 
-        sys.argv = ["lorafit train", *rest]
-        train.main()
+        return dry_run(rest)
+    if command == "train":
+        # Exactly `python -m lorafit.train ...`: runpy gives `__main__` the module's spec, so the
+        # process launchers of Lightning's DDP (which re-run `python -m <__main__.__spec__.name>`
+        # for every other rank) and of Hydra start the other ranks the same way.
+        sys.argv = [sys.argv[0], *rest]
+        runpy.run_module("lorafit.train", run_name="__main__", alter_sys=True)
         return 0
-    if command in ("merge", "generate"):
+    if command in ("merge", "generate", "analyze"):
         try:
-            return {"merge": merge, "generate": generate}[command](rest)
+            return {"merge": merge, "generate": generate, "analyze": analyze}[command](rest)
         except (ValueError, OSError, KeyError, NotImplementedError) as e:
             # bad input: one clear paragraph, no traceback
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e

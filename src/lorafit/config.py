@@ -54,8 +54,8 @@ def register_sweeps(sweeps_dir: str | os.PathLike = SWEEPS_DIR) -> list[str]:
     """Store each `sweeps_dir/*.yaml` in Hydra's ConfigStore as `sweep/<stem>`.
 
     The node keeps its `defaults:` list (Hydra reads it from ConfigStore nodes as from files, so
-    `override /hydra/sweeper: optuna` works) and the file's `# @package` header. Storing the same
-    name again replaces it, so calling this twice is harmless.
+    `override /hydra/sweeper: lorafit_optuna` works) and the file's `# @package` header. Storing
+    the same name again replaces it, so calling this twice is harmless.
 
     Returns:
         The names stored, sorted.
@@ -99,6 +99,10 @@ def accepted_keys(target: Callable) -> list[str] | None:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+# `trainer.*` keys that lorafit reads itself (`lorafit.train.make_trainer` removes them).
+TRAINER_EXTRA_KEYS = ("skip_nonfinite_batches",)
+
+
 def check_keys(node: dict | DictConfig, target: Callable, key: str, origin: str = "") -> None:
     """Refuse a key of `node` that `target` does not take (a typo, or an option lorafit lacks),
     instead of a TypeError from deep inside Hydra or a key that silently does nothing.
@@ -113,6 +117,8 @@ def check_keys(node: dict | DictConfig, target: Callable, key: str, origin: str 
     valid = accepted_keys(target)
     if valid is None:
         return
+    if key == "trainer":  # lorafit's own trainer options, taken out before Lightning sees them
+        valid = [*valid, *TRAINER_EXTRA_KEYS]
     unknown = [str(k) for k in node if not str(k).startswith("_") and k not in valid]
     if not unknown:
         return

@@ -20,6 +20,8 @@ COMPARED = [
     "eval_loss_after",
     "eval_accuracy_before",
     "eval_accuracy_after",
+    "general_loss_before",
+    "general_loss_after",
     "trainable_params",
     "train_steps",
     "train_tokens",
@@ -100,3 +102,47 @@ def reproduce(run_dir: str | Path, out: str | Path | None = None) -> int:
         else f"\nNOT reproduced: results differ ({out})"
     )
     return 0 if identical else 1
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`lorafit train resume=RUN_DIR [overrides]` -> the run's own overrides, continued in place.
+
+    An interrupted run (Ctrl-C, SIGTERM, a crash, a kill) goes on in its folder from
+    `checkpoints/last.ckpt` with the overrides it was started with (`.hydra/overrides.yaml`), so
+    the same data order and the same steps follow; overrides given here win over the saved ones
+    (e.g. more `trainer.max_steps`). Without `resume=`, `argv` comes back unchanged.
+
+    Raises:
+        ValueError: RUN_DIR is not a run folder, has no checkpoint, or finished already.
+    """
+    given = [a for a in argv if a.lstrip("+").startswith("resume=")]
+    if not given:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    saved_file, ckpt = run_dir / ".hydra/overrides.yaml", run_dir / "checkpoints/last.ckpt"
+    if not saved_file.is_file():
+        raise ValueError(
+            f"resume={run_dir}: not a run folder (no .hydra/overrides.yaml). Give the folder "
+            "`lorafit train` wrote, e.g. resume=outputs/2026-11-30/10-00-00."
+        )
+    if (run_dir / "metrics.json").is_file():
+        raise ValueError(f"resume={run_dir}: that run finished (metrics.json exists).")
+    if not ckpt.is_file():
+        raise ValueError(
+            f"resume={run_dir}: no checkpoints/last.ckpt to resume from (the run stopped before "
+            "its first checkpoint, or ran with callbacks=none): start it again instead."
+        )
+    import yaml
+
+    extra = [a for a in argv if a not in given]
+    keys = {a.lstrip("+~").split("=", 1)[0] for a in extra}
+    saved = [
+        o
+        for o in yaml.safe_load(saved_file.read_text()) or []
+        if o.lstrip("+~").split("=", 1)[0] not in keys | {"ckpt_path", "resume"}
+    ]
+    logged = run_dir / "csv/metrics.csv"  # Lightning's CSV logger starts it anew: set it aside
+    if logged.is_file():
+        n = 1 + len(list(logged.parent.glob("metrics.part*.csv")))
+        logged.rename(logged.with_name(f"metrics.part{n}.csv"))
+    return [*saved, *extra, f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]

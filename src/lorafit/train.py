@@ -1,19 +1,17 @@
 """`lorafit train`: one Hydra config -> base model + LoRA + data -> Lightning fit -> run folder.
 
-    python -m lorafit.train lora.r=16 trainer.max_steps=100
-    lorafit train -m lora.r=4,8,16            # a multirun
+    python -m lorafit.train lora.r=16 trainer.max_steps=100;  lorafit train -m lora.r=4,8,16
 
 compose (Hydra) -> validate -> build -> fit -> evaluate -> save -> objective. The run folder
 (Hydra's output dir) receives `.hydra/`, `metrics.json`, `adapter/`, `loss_curve.png`,
 `samples.jsonl`, Lightning's `csv/metrics.csv` and `checkpoints/` (see `lorafit.artifacts`).
-`metrics.json` is written last, so a folder without it is not a finished run; a run that failed
-writes `failed.json` with the error.
+`metrics.json` is written last, so a folder without it is not a finished run; a failed run
+writes `failed.json`, an interrupted one `interrupted.json` (resume with `resume=RUN_DIR`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import traceback
@@ -28,28 +26,32 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lorafit import artifacts, runinfo
-from lorafit.config import CONF_DIR, check_groups, check_target_sweep, group_object
+from lorafit import artifacts, runinfo, sweeping
+from lorafit.config import (
+    CONF_DIR,
+    TRAINER_EXTRA_KEYS,
+    group_object,
+)
+from lorafit.distributed import (
+    full_weights,
+    prepare_launch,
+    ranks_scope,
+    set_threads,
+    step_shape,
+    strategy_kwargs,
+)
 from lorafit.lora import LoRAConfig, lora_report
 from lorafit.models import ModelConfig, load_model, load_tokenizer, resolve_model_dir
+from lorafit.reproduce import resume_argv
+from lorafit.schema import check_config, check_override_keys
+from lorafit.tasks import faults
 from lorafit.tasks.base import LoRAModule, dropout_rates
+from lorafit.tasks.general import general_loss
 
 log = logging.getLogger("lorafit")
-
-
-def set_threads(cfg: DictConfig) -> int:
-    """Torch intra-op threads: `threads`, or an equal share of the cores per parallel joblib job."""
-    n = cfg.get("threads")
-    jobs = HydraConfig.get().launcher.get("n_jobs")  # only the joblib launcher has n_jobs
-    if n is None and jobs:
-        cores = os.cpu_count() or 1
-        jobs = cores + 1 + jobs if jobs < 0 else jobs  # joblib: -1 = all cores, -2 = all but one
-        n = max(1, cores // max(1, min(jobs, cores)))
-    if n:
-        torch.set_num_threads(int(n))
-    return torch.get_num_threads()
 
 
 def validate(cfg: DictConfig) -> type[LoRAModule]:
@@ -59,9 +61,9 @@ def validate(cfg: DictConfig) -> type[LoRAModule]:
 
     Raises:
         ValueError: a required value (`???`) left unset; a key that the object of its node does
-            not take (a typo, `+model.x=...`); a group other than `model` and `lora` without
-            `_target_`; a multirun that sweeps `lora.target_modules` over single names; or a `data`
-            choice whose data module does not serve the chosen `task`.
+            not take (a typo, `+model.x=...`); a value of the wrong type or range (`lora.r=0`); a
+            group other than `model` and `lora` without `_target_`; a multirun that sweeps
+            `lora.target_modules` over single names; or a `data` choice that misfits `task`.
     """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -69,12 +71,8 @@ def validate(cfg: DictConfig) -> type[LoRAModule]:
             f"Required config value(s) not set: {', '.join(missing)}. Give each on the command "
             f"line, e.g. `lorafit train {missing[0]}=...`."
         )
-    hc = HydraConfig.get()
-    choices = hc.runtime.choices
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    check_groups(plain, choices, built={"model": ModelConfig, "lora": LoRAConfig})
-    if hc.mode == RunMode.MULTIRUN:
-        check_target_sweep(cfg.lora.get("target_modules"), list(hc.overrides.task))
+    choices = HydraConfig.get().runtime.choices
+    check_config(cfg, built={"model": ModelConfig, "lora": LoRAConfig})  # keys, types, ranges
     precision, accelerator = str(cfg.trainer.get("precision")), cfg.trainer.get("accelerator")
     on_cpu = accelerator == "cpu" or (
         accelerator == "auto"
@@ -116,23 +114,7 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
     model_dir = resolve_model_dir(model_cfg)
     tokenizer = load_tokenizer(model_dir, model_cfg)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    datamodule.setup("fit")
-    for split in ("train_set", "val_set"):
-        rows = getattr(datamodule, split)
-        if hasattr(rows, "__len__") and len(rows) == 0:  # a stream: the data module checks it
-            skipped = {k: v for k, v in datamodule.stats.items() if k.startswith("skipped_")}
-            missing = [k for k in skipped if k.startswith("skipped_missing_")]
-            raise ValueError(
-                f"The {split.removesuffix('_set')} split is empty after reading and filtering the "
-                f"data (rows skipped: {skipped or 'none'}). "
-                + (
-                    f"Rows lack the field that data.format needs ({', '.join(missing)}): check "
-                    "data.format / data.columns against the file's columns."
-                    if missing
-                    else "Give more data, or change data.val_fraction / data.val_examples so "
-                    "that both splits keep rows."
-                )
-            )
+    datamodule.setup("fit")  # raises DataError when no training / validation example is left
     model = load_model(model_dir, model_cfg, task.name, **task.model_kwargs(datamodule))
     # peak_rss_mb counts from here: a GGUF conversion, the loader's own peak and what earlier
     # runs of a multirun left are not this run's training memory (metrics.json: peak_rss_scope).
@@ -152,7 +134,7 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
     return model, tokenizer, model_dir, lora, report, datamodule
 
 
-def make_trainer(cfg: DictConfig) -> L.Trainer:
+def make_trainer(cfg: DictConfig, model: torch.nn.Module) -> L.Trainer:
     """The Trainer with every logger of `logger` and every callback of `callbacks`; a W&B logger
     gets the sweep as group and the overrides as run name.
 
@@ -160,7 +142,8 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
     task module runs each optimizer step itself (its loss is normalised by the whole step, see
     `lorafit.tasks.base`), and Lightning refuses both under manual optimization. `train` hands
     them to the data module and the task module. `trainer.deterministic` is the one switch for
-    deterministic algorithms (Lightning sets torch's, on any device).
+    deterministic algorithms (Lightning sets torch's, on any device). FSDP's wrap units come
+    from `model` (`lorafit.distributed.strategy_kwargs`).
     """
     hc = HydraConfig.get()
     loggers = []
@@ -169,15 +152,21 @@ def make_trainer(cfg: DictConfig) -> L.Trainer:
         if str(node.get("_target_", "")).endswith("WandbLogger"):
             kwargs["name"] = node.name or hc.job.override_dirname or "defaults"
             if node.group is None and hc.mode == RunMode.MULTIRUN:
-                kwargs["group"] = "/".join(Path(hc.sweep.dir).parts[-2:])  # 2026-11-29/18-55-00
+                # an Optuna study's name, else the sweep folder's 2026-11-29/18-55-00
+                day_time = "/".join(Path(hc.sweep.dir).parts[-2:])
+                kwargs["group"] = sweeping.wandb_group(hc.sweeper) or day_time
         loggers.append(instantiate(node, **kwargs))
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks += sweeping.pruning_callbacks()  # an Optuna trial's pruning, in a sweep's job
+    lightning_keys = [k for k in cfg.trainer if k not in TRAINER_EXTRA_KEYS]  # ours: `train` reads
     trainer = instantiate(
-        cfg.trainer,
+        OmegaConf.masked_copy(cfg.trainer, lightning_keys),
         logger=loggers or False,
         callbacks=callbacks,
         accumulate_grad_batches=1,
         gradient_clip_val=None,
+        **strategy_kwargs(cfg.trainer.get("strategy"), model),
+        **({} if cfg.trainer.get("plugins") else {"plugins": [faults.AtomicCheckpointIO()]}),
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -191,58 +180,10 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=int(failed))
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one fine-tuning described by `cfg` and write the run folder. Returns the metrics."""
+def save_weights(cfg, task, model, tokenizer, model_dir, lora, datamodule) -> int:
+    """The adapter (or, with `lora=none`, the whole model) and `samples.jsonl` into the run folder.
+    Returns the bytes of the saved weights."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    task = validate(cfg)
-    runinfo.reset_peak_rss()
-    threads = set_threads(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    model, tokenizer, model_dir, lora, report, datamodule = build(cfg, task)
-    module = instantiate(cfg.task)(
-        model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-    )
-    datamodule.accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
-    if not isinstance(datamodule.accumulate, int) or datamodule.accumulate < 1:
-        raise ValueError(
-            f"trainer.accumulate_grad_batches={datamodule.accumulate}: give a whole number >= 1 "
-            "(micro-batches per optimizer step)."
-        )
-    trainer = make_trainer(cfg)
-    per_step = datamodule.batch_size * datamodule.accumulate * trainer.world_size
-    rates = dropout_rates(model)
-    log.info(
-        "One optimizer step: %d example(s) = %d micro-batch(es) of %d on each of %d device(s); "
-        "its loss is the mean over all the step's %s. Dropout in training: %s.",
-        per_step,
-        datamodule.accumulate,
-        datamodule.batch_size,
-        trainer.world_size,
-        task.loss_unit,
-        f"on (p = {', '.join(map(str, rates))})" if rates else "off",
-    )
-    if cfg.ckpt_path and getattr(datamodule, "streaming", False):
-        log.warning("A streamed training set is not resumable mid-epoch: it restarts its epoch.")
-
-    def evaluate() -> dict[str, float]:
-        """Validation metrics as `{"eval_loss": ..., "eval_accuracy": ..., ...}`."""
-        out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        return {k.replace("val/", "eval_", 1): float(v) for k, v in out.items()}
-
-    before = evaluate()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    train_seconds = time.perf_counter() - t0
-    after = evaluate()
-    if not trainer.is_global_zero:  # DDP: one process writes the run folder
-        return {"eval_loss_after": after["eval_loss"]}
-    task_metrics = module.after_fit(trainer, datamodule, run_dir)
-
     if lora.full_finetune:
         adapter_bytes = artifacts.save_full_model(model, tokenizer, run_dir / "model")
     else:
@@ -272,6 +213,76 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.samples.max_new_tokens,
             run_dir / "samples.jsonl",
         )
+    return adapter_bytes
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one fine-tuning described by `cfg` and write the run folder. Returns the metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    task = validate(cfg)
+    runinfo.reset_peak_rss()
+    set_threads(cfg)  # Lightning's DDP launcher may lower it: metrics read it after the fit
+    L.seed_everything(cfg.seed, workers=True)
+    model, tokenizer, model_dir, lora, report, datamodule = build(cfg, task)
+    module = instantiate(cfg.task)(
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        skip_nonfinite_batches=cfg.trainer.get("skip_nonfinite_batches"),
+    )
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate}: give a whole number >= 1 "
+            "(micro-batches per optimizer step)."
+        )
+    trainer = make_trainer(cfg, model)
+    prepare_launch(trainer.world_size)  # DDP: the other ranks re-run this job's own command
+    datamodule.batch_size, datamodule.accumulate = step_shape(
+        datamodule.global_batch_size, datamodule.batch_size, accumulate, trainer.world_size
+    )
+    per_step = datamodule.batch_size * datamodule.accumulate * trainer.world_size
+    n_train = len(datamodule.train_set) if hasattr(datamodule.train_set, "__len__") else None
+    if trainer.world_size > 1 and n_train is not None and n_train < per_step:
+        raise ValueError(
+            f"The training split holds {n_train} examples, fewer than one optimizer step of "
+            f"{per_step} on {trainer.world_size} devices (several devices run whole steps only). "
+            "Lower data.batch_size or data.global_batch_size, or give more training data."
+        )
+    rates = dropout_rates(model)
+    log.info(
+        "One optimizer step: %d example(s) = %d micro-batch(es) of %d on each of %d device(s); "
+        "its loss is the mean over all the step's %s. Dropout in training: %s.",
+        per_step,
+        datamodule.accumulate,
+        datamodule.batch_size,
+        trainer.world_size,
+        task.loss_unit,
+        f"on (p = {', '.join(map(str, rates))})" if rates else "off",
+    )
+    if cfg.ckpt_path and getattr(datamodule, "streaming", False):
+        log.warning("A streamed training set is not resumable mid-epoch: it restarts its epoch.")
+
+    def evaluate() -> dict[str, float]:
+        """Validation metrics as `{"eval_loss": ..., "eval_accuracy": ..., ...}`."""
+        out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        return {k.replace("val/", "eval_", 1): float(v) for k, v in out.items()}
+
+    general = general_loss(cfg.get("eval"), task.name, tokenizer)  # forgetting: text off the task
+    before = {**evaluate(), **general(trainer, model)}  # + general_loss (causal_lm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.perf_counter() - t0
+    after = {**evaluate(), **general(trainer, model)}
+    task_metrics = module.after_fit(trainer, datamodule, run_dir)  # every rank: may evaluate
+    with full_weights(trainer):  # FSDP / ZeRO-3: whole tensors while rank 0 saves; all enter
+        if trainer.is_global_zero:  # DDP: one process writes the run folder
+            adapter_bytes = save_weights(cfg, task, model, tokenizer, model_dir, lora, datamodule)
+    if not trainer.is_global_zero:
+        return {"eval_loss_after": after["eval_loss"]}
     csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     if csv_logger is not None:
         csv_logger.save()
@@ -283,7 +294,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     metrics = artifacts.run_metrics(
         cfg, task, lora, report, datamodule, module, trainer, before, after, task_metrics,
-        adapter_bytes=adapter_bytes, train_seconds=train_seconds, threads=threads,
+        adapter_bytes=adapter_bytes, train_seconds=train_seconds, threads=torch.get_num_threads(),
     )  # fmt: skip
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):  # the final numbers as the W&B run summary
@@ -313,10 +324,32 @@ def main(cfg: DictConfig) -> float | None:
     """
     hc = HydraConfig.get()
     try:
-        value = train(cfg)["eval_loss_after"]
+        with ranks_scope():  # DDP: the next job of a sweep starts its own ranks afresh
+            value = train(cfg)["eval_loss_after"]
         finish_wandb(failed=False)
         return value
+    except faults.RunInterrupted as e:  # Ctrl-C / SIGTERM: a resumable run folder, then exit
+        finish_wandb(failed=True)
+        run_dir = Path(hc.runtime.output_dir)
+        if rank_zero_only.rank == 0:
+            artifacts.write_metrics(
+                run_dir / "interrupted.json",
+                {
+                    "status": "interrupted",
+                    "signal": e.signal_name,
+                    "step": e.step,
+                    "checkpoint": e.checkpoint,
+                    "resume": f"lorafit train resume={run_dir}" if e.checkpoint else None,
+                },
+            )
+        print(f"\nlorafit: {e}\nResume: lorafit train resume={run_dir}\n", file=sys.stderr)
+        raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
     except Exception as e:
+        if sweeping.is_pruned(e):  # the sweeper tells the study PRUNED; the run folder says so
+            finish_wandb(failed=False)
+            run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+            sweeping.write_pruned(run_dir, e, overrides, cfg.seed)
+            raise
         if isinstance(e, InstantiationException) and isinstance(e.__cause__, ValueError | OSError):
             e = e.__cause__  # a config object refused its values: that message is the one to see
         finish_wandb(failed=True)
@@ -328,7 +361,8 @@ def main(cfg: DictConfig) -> float | None:
             "traceback": traceback.format_exc(),
             "seed": cfg.seed,
         }
-        artifacts.write_metrics(run_dir / "failed.json", failure)
+        if rank_zero_only.rank == 0:  # the other ranks of a DDP run write nothing
+            artifacts.write_metrics(run_dir / "failed.json", failure)
         if hc.mode == RunMode.MULTIRUN:  # one broken run must not end the sweep
             log.error("Run failed (recorded in %s/failed.json): %s", run_dir, e)
             return None
@@ -339,4 +373,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # `resume=RUN_DIR`: the run's own overrides, continued in its folder
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+        check_override_keys(sys.argv[1:])  # `lora.rnak=8`: the closest keys, before Hydra's error
+    except ValueError as error:
+        print(f"\nlorafit: error: {error}\n", file=sys.stderr)
+        raise SystemExit(1) from None
     main()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.data.encoding import IGNORE_INDEX
-from lorafit.tasks.base import warmup_schedule
 from lorafit.tasks.causal_lm import causal_lm_loss
+from lorafit.tasks.schedules import warmup_schedule
 
 
 def test_loss_is_shifted_mean_over_labelled_tokens_only():

@@ -154,7 +154,8 @@ def test_datamodule_on_files_with_separate_validation(tmp_path, minilm_tokenizer
     batch = next(iter(dm.train_dataloader()))
     # transformers' DataCollatorWithPadding: right padding to a multiple of 8, only what the
     # module reads (no token_type_ids), all long tensors.
-    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    # example_index: the rows of the training split, named when a step is not finite
+    assert sorted(batch) == ["attention_mask", "example_index", "input_ids", "labels"]
     assert all(v.dtype == torch.long for v in batch.values())
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
     assert batch["input_ids"].shape[1] % 8 == 0

@@ -17,8 +17,15 @@ from transformers import DataCollatorWithPadding
 
 from lorafit.data.encoding import right_padding
 from lorafit.data.formats import DataError
-from lorafit.data.sampling import StepLoader, StepSampler, device_share, stratified_split
+from lorafit.data.sampling import (
+    StepLoader,
+    StepSampler,
+    device_share,
+    eval_loader,
+    stratified_split,
+)
 from lorafit.data.sources import load_bbc_news, read_table
+from lorafit.data.tokenized import check_not_empty
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +75,13 @@ class ClassificationDataModule(L.LightningDataModule):
         val_path, test_path: optional separate files; a split without its own file is cut from
             `path`, stratified, by `val_fraction` / `test_fraction`.
         text_column, label_column: column names in the file(s); labels may be strings or ints.
+        encoding, encoding_errors: how the files are decoded (`lorafit.data.reader.decode`).
         max_length: tokens per example, special tokens included; longer texts are truncated
             (counted in `stats["truncated"]`).
         val_fraction, test_fraction: shares of each label held out (deterministic, by `seed`).
-        batch_size, eval_batch_size: examples per training / evaluation batch.
+        batch_size, eval_batch_size: examples per training / evaluation batch (per device).
+        global_batch_size: examples per optimizer step over all devices and micro-batches;
+            `batch_size` is then the largest micro-batch (`lorafit.distributed.step_shape`).
         max_train_examples: cap the training split after splitting (quick runs).
         seed: split and shuffle seed.
     """
@@ -87,11 +97,14 @@ class ClassificationDataModule(L.LightningDataModule):
         test_path: str | None = None,
         text_column: str = "text",
         label_column: str = "label",
+        encoding: str = "utf-8",
+        encoding_errors: str | None = None,
         max_length: int = 256,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 16,
         eval_batch_size: int = 32,
+        global_batch_size: int | None = None,
         max_train_examples: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -103,13 +116,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.tokenizer, self.source, self.seed = tokenizer, source, seed
         self.paths = {"train": path, "validation": val_path, "test": test_path}
         self.text_column, self.label_column = text_column, label_column
+        self.decoding = {"encoding": encoding, "encoding_errors": encoding_errors}
         self.fractions = {"validation": val_fraction, "test": test_fraction}
         self.max_length, self.max_train_examples = max_length, max_train_examples
-        self.batch_size, self.eval_batch_size, self.num_workers = (
-            batch_size,
-            eval_batch_size,
-            num_workers,
-        )
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.global_batch_size, self.num_workers = global_batch_size, num_workers
         self.stats: dict[str, Any] = {}
         self.label_names: list[str] = []
         self.train_set: list[dict] | None = None
@@ -123,11 +134,13 @@ class ClassificationDataModule(L.LightningDataModule):
             if not self.paths["train"]:
                 raise DataError("data.path is not set; give a file: data.path=/abs/path/x.csv")
             cols = (self.text_column, self.label_column)
-            texts, labels, skipped = read_table(self.paths["train"], *cols, "data.path")
+            texts, labels, skipped = read_table(
+                self.paths["train"], *cols, "data.path", **self.decoding
+            )
             where, own = str(self.paths["train"]), {}
             for split, key in (("validation", "data.val_path"), ("test", "data.test_path")):
                 if self.paths[split]:
-                    t, y, s = read_table(self.paths[split], *cols, key)
+                    t, y, s = read_table(self.paths[split], *cols, key, **self.decoding)
                     own[split] = (t, y)
                     skipped.update({f"{k}_in_{split}": v for k, v in s.items()})
         else:
@@ -167,6 +180,7 @@ class ClassificationDataModule(L.LightningDataModule):
         splits["train"] = tuple(map(list, zip(*train[: self.max_train_examples], strict=True)))
         counts = Counter(skipped)
         encoded = {s: self._encode(*splits[s], index, counts) for s in SPLITS}
+        check_not_empty(len(encoded["train"]), len(encoded["validation"]), counts, where)
         for s in ("validation", "test"):  # longest first (less padding); shuffled ties mix labels
             rng.shuffle(encoded[s])
             encoded[s].sort(key=lambda e: -len(e["input_ids"]))
@@ -202,9 +216,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataCollatorWithPadding(right_padding(self.tokenizer), pad_to_multiple_of=8)
 
     def _loader(self, data: list[dict], batch_size: int) -> DataLoader:
-        return DataLoader(
-            data, batch_size=batch_size, collate_fn=self._collate(), num_workers=self.num_workers
-        )
+        return eval_loader(data, batch_size, self._collate(), self.num_workers, self.trainer)
 
     def train_dataloader(self) -> StepLoader:
         """One optimizer step per item: a batch of `batch_size`, or with `accumulate` > 1 the

@@ -1,10 +1,10 @@
 """Causal-LM data module: a data set -> messages or text -> tokenized, masked train/val batches.
 
 Reading is `lorafit.data.sources`, row formats `lorafit.data.formats`; rendering, masking and
-chunking `lorafit.data.encoding`.
-Tokenization is a `datasets.map` cached by the data set's fingerprint, the tokenizer and the
-encoding options (`lorafit.data.tokenized`), so running the same data again reads it back. The
-built-in chatterbot corpus goes the same way, as an in-memory `datasets.Dataset` of message lists.
+chunking `lorafit.data.encoding`. Tokenization is a `datasets.map` cached by the data set's
+fingerprint, the tokenizer and the encoding options (`lorafit.data.tokenized`), so running the
+same data again reads it back. The built-in chatterbot corpus goes the same way, as an in-memory
+`datasets.Dataset` of message lists.
 """
 
 from __future__ import annotations
@@ -32,17 +32,27 @@ from lorafit.data.formats import (
     FORMATS,
     DataError,
     Message,
-    Skip,
+    RowError,
     detect_format,
-    drop_opening_turns,
+    held_out_prompts,
     make_converter,
 )
-from lorafit.data.sampling import StepLoader, StepSampler, StreamSteps, device_share
-from lorafit.data.sources import load_chatterbot, load_splits
+from lorafit.data.reader import Locator, SkipLog
+from lorafit.data.sampling import (
+    StepLoader,
+    StepSampler,
+    StreamSteps,
+    device_share,
+    eval_loader,
+    split_stream,
+)
+from lorafit.data.sources import Read, load_chatterbot, read_splits
 from lorafit.data.tokenized import (
     ROW,
+    TRUNCATED_AWAY,
     cached_map,
     check_cut_answers,
+    check_not_empty,
     keep_usable,
     log_padding,
     numbered,
@@ -77,7 +87,11 @@ class ChatDataModule(L.LightningDataModule):
         data_files, revision, subset: passed to `datasets.load_dataset` (`subset` is its `name`).
         streaming: read lazily (files larger than memory); no tokenization cache, and the
             validation rows are the first `val_examples` (default 200) of the stream.
-        template: None (the tokenizer's; ChatML when it has none), `chatml`, `alpaca` or Jinja.
+        encoding, encoding_errors: how local files are decoded (`lorafit.data.reader`): bytes
+            not valid in `encoding` are an error naming file, line and byte offset, unless
+            `encoding_errors` (`replace`, `ignore`, ...) decodes them (the lines are counted).
+        template: None (the tokenizer's own; an error when it has none), `chatml`, `alpaca` or
+            a Jinja template.
         max_length: tokens per chat example; longer ones are truncated and counted. A row whose
             whole answer is cut away is skipped and named in a warning (rows numbered from 1 in
             file order); an error when that leaves a split empty.
@@ -86,7 +100,9 @@ class ChatDataModule(L.LightningDataModule):
             concatenating documents with eos between them (tails dropped and counted).
         val_fraction: share of rows held out when no validation split exists; `val_examples`,
             when set, is a count instead.
-        batch_size: training examples per batch; `eval_batch_size` for validation.
+        batch_size: training examples per batch (per device); `eval_batch_size` for validation.
+        global_batch_size: examples per optimizer step over all devices and micro-batches;
+            `batch_size` is then the largest micro-batch (`lorafit.distributed.step_shape`).
         train_on_prompt: put labels on prompt tokens too (default: assistant turns only).
         train_on_all_assistant_turns: label every assistant turn (False: only the last one).
         max_train_examples: cap the training split (after the split), e.g. for quick runs.
@@ -112,6 +128,8 @@ class ChatDataModule(L.LightningDataModule):
         revision: str | None = None,
         subset: str | None = None,
         streaming: bool = False,
+        encoding: str = "utf-8",
+        encoding_errors: str | None = None,
         template: str | None = None,
         max_length: int = 256,
         block_size: int | None = None,
@@ -121,6 +139,7 @@ class ChatDataModule(L.LightningDataModule):
         val_examples: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
+        global_batch_size: int | None = None,
         train_on_prompt: bool = False,
         train_on_all_assistant_turns: bool = True,
         max_train_examples: int | None = None,
@@ -142,16 +161,12 @@ class ChatDataModule(L.LightningDataModule):
         self.source, self.path, self.language, self.format = source, path, language, format
         self.columns, self.data_files = _plain(columns), _plain(data_files)
         self.split, self.val_split, self.revision, self.subset = split, val_split, revision, subset
-        self.streaming, self.template, self.max_length, self.stride = (
-            streaming,
-            template,
-            max_length,
-            stride,
-        )
+        self.streaming, self.template, self.encoding = streaming, template, encoding
+        self.encoding_errors, self.max_length, self.stride = encoding_errors, max_length, stride
         self.keep_document_boundaries = keep_document_boundaries
         self.val_fraction, self.val_examples, self.seed = val_fraction, val_examples, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.train_on_prompt = train_on_prompt
+        self.global_batch_size, self.train_on_prompt = global_batch_size, train_on_prompt
         self.train_on_all_assistant_turns = train_on_all_assistant_turns
         self.max_train_examples, self.num_samples = max_train_examples, num_samples
         self.num_workers, self.num_proc, self.cache_dir = num_workers, num_proc, cache_dir
@@ -161,22 +176,26 @@ class ChatDataModule(L.LightningDataModule):
 
     # -- reading and splitting --------------------------------------------------------------------
 
-    def load_raw(self) -> tuple[Any, Counter, str]:
-        """(splits, rows skipped before the dataset was built, data set name for the stats)."""
+    def load_raw(self) -> tuple[Read, Counter, str]:
+        """(what was read, rows skipped before the dataset was built, data set name)."""
         if self.source == "chatterbot":
             convs, skipped = load_chatterbot(self.language)
             rows = datasets.Dataset.from_list([{"messages": c} for c in convs])
-            return {"train": rows}, skipped, f"chatterbot/{self.language}"
+            name = f"chatterbot/{self.language}"
+            where = f"{name} (conversations numbered after repeats were removed)"
+            return Read({"train": rows}, {"train": Locator([], len(rows), where)}), skipped, name
         if self.source in ("datasets", "jsonl"):
             if not self.path:
                 raise DataError(
                     "data.path is not set; give a file, folder, glob or hub id: "
                     "lorafit train data=file data.path=/path/to/data.jsonl"
                 )
-            splits = load_splits(
-                self.path, self.data_files, self.revision, self.subset, self.streaming
-            )
-            return splits, Counter(), self.path
+            read = read_splits(
+                self.path, self.data_files, self.revision, self.subset, self.streaming,
+                encoding=self.encoding, encoding_errors=self.encoding_errors,
+                cache_dir=self.cache_dir,
+            )  # fmt: skip
+            return read, Counter(), self.path
         raise DataError(f"data.source='{self.source}' is unknown; use 'chatterbot' or 'datasets'.")
 
     def where(self) -> str:
@@ -207,7 +226,8 @@ class ChatDataModule(L.LightningDataModule):
             val, train = train, train.skip(n_val)
         else:
             if len(train) < 2:
-                raise DataError(f"Only {len(train)} rows in data split '{self.split}': too few.")
+                where = f"{self.where()}: split '{self.split}'"
+                raise DataError(f"{where} has {len(train)} rows: too few to hold any out.")
             parts = train.train_test_split(
                 test_size=self.val_examples or self.val_fraction, seed=self.seed
             )
@@ -224,12 +244,9 @@ class ChatDataModule(L.LightningDataModule):
         """The row format: `data.format`, or the detected one (logged) for `auto`."""
         if self.format != "auto":
             return self.format
-        if self.columns:
-            fmt = "columns"
-        else:
-            first = {k: v for k, v in next(iter(rows), {}).items() if k != ROW}
-            fmt = detect_format([c for c in rows.column_names or first if c != ROW], first)
-        columns = [c for c in rows.column_names or [] if c != ROW]
+        first = {k: v for k, v in next(iter(rows), {}).items() if k != ROW}
+        columns = [c for c in rows.column_names or first if c != ROW]
+        fmt = "columns" if self.columns else detect_format(columns, first, self.where())
         log.info("data.format=auto: detected '%s' from columns %s", fmt, columns)
         return fmt
 
@@ -249,6 +266,7 @@ class ChatDataModule(L.LightningDataModule):
                 block_size=self.block_size,
                 stride=self.stride,
                 keep_boundaries=self.keep_document_boundaries,
+                row_key=ROW,
             )
         else:
             fn = partial(
@@ -281,8 +299,13 @@ class ChatDataModule(L.LightningDataModule):
             return cached_map(
                 rows, fn, is_text, remove, options, self.cache_dir, self.num_proc, split
             )
-        except DataError as e:  # a row that cannot be encoded: `encode_chat_row` names the row
-            raise DataError(f"{self.where()}: {e}") from None
+        except RowError as e:  # a row that cannot be encoded: name its file and line
+            where = self.locators[self.source_split(split)].name(e.args[0])
+            raise DataError(f"{self.where()}: {where}: {e.args[1]}") from None
+
+    def source_split(self, split: str) -> str:
+        """The split of the data that a `train` / `val` split's rows (and numbers) come from."""
+        return self.split if split == "train" else self.split_names[1] or self.split
 
     # -- Lightning hooks --------------------------------------------------------------------------
 
@@ -290,8 +313,9 @@ class ChatDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         log_padding(self.tokenizer)
-        splits, skipped, name = self.load_raw()
-        train_rows, val_rows = self.split_rows(splits)
+        read, skipped, name = self.load_raw()
+        self.locators = read.locators
+        train_rows, val_rows = self.split_rows(read.splits)
         fmt = self.detect(train_rows)
         convert = make_converter(fmt, self.columns)
         is_text = fmt == "text" or (fmt == "columns" and "text" in (self.columns or {}))
@@ -299,11 +323,17 @@ class ChatDataModule(L.LightningDataModule):
         if not is_text:
             template, self.tokenizer.chat_template = resolve_template(self.tokenizer, self.template)
         self.format = fmt  # part of the cache key; `auto` resolved
-        counts = Counter({f"skipped_{k}": v for k, v in skipped.items()})
+        skips, counts = SkipLog(), Counter(read.counts)
+        for reason, n in skipped.items():
+            skips.add(reason, n=n)
         train, train_key, train_hit = self.tokenize(train_rows, convert, is_text, "train")
         val, val_key, val_hit = self.tokenize(val_rows, convert, is_text, "val")
-        self.val_set = keep_usable(val, counts).select_columns(["input_ids", "labels"])
-        self.sample_prompts = [] if is_text else self.samples(val_rows, convert)
+        located = {s: self.locators[self.source_split(s)] for s in ("train", "val")}
+        self.val_set = keep_usable(val, counts, skips, located["val"])
+        self.val_set = self.val_set.select_columns(["input_ids", "labels"])
+        self.sample_prompts = (
+            [] if is_text else held_out_prompts(val_rows, convert, self.num_samples)
+        )
         self.stats = {"dataset": name, "format": fmt, "template": template}
         if self.streaming:
             self.train_set = train.select_columns(["input_ids", "labels"])
@@ -316,19 +346,18 @@ class ChatDataModule(L.LightningDataModule):
             self.stats |= {"streaming": True, "val_examples": len(self.val_set)}
             log.info("Data (streaming; training rows are counted as they are read): %s", self.stats)
             return
-        usable = keep_usable(train, counts)
+        usable = keep_usable(train, counts, skips, located["train"])
+        counts.update(skips.counts())
+        skips.report(exclude=(TRUNCATED_AWAY,))  # one warning; cut answers have their own
         if not is_text:
-            cut = {"train": (train, train_rows), "validation": (val, val_rows)}
-            where = self.where()
-            if self.source == "chatterbot":
-                where += " (conversations numbered after repeats were removed)"
+            cut = {"train": (train, located["train"]), "validation": (val, located["val"])}
             check_cut_answers(
                 cut, len(usable), len(self.val_set), counts, self.max_length, self.rows_read,
-                where, one_numbering=self.split_names[1] is None,
+                self.where(),
             )  # fmt: skip
-        train = usable
-        self.train_lengths = train["length"]
-        self.train_set = train.select_columns(["input_ids", "labels"])
+        check_not_empty(len(usable), len(self.val_set), counts, self.where())
+        self.train_lengths = usable["length"]
+        self.train_set = usable.select_columns(["input_ids", "labels"])
         if not is_text:
             del counts["dropped_tail_tokens"]
         self.stats |= {
@@ -339,54 +368,25 @@ class ChatDataModule(L.LightningDataModule):
             "train_examples": len(self.train_set),
             "val_examples": len(self.val_set),
             "train_tokens": sum(self.train_lengths),
-            "train_supervised_tokens": sum(train["n_labels"]),
+            "train_supervised_tokens": sum(usable["n_labels"]),
             **dict(sorted(counts.items())),
         }
-        if is_text:
-            log.info(
-                "Data text: %d documents -> %d chunks of <= %d tokens (stride %d), %d tail tokens "
-                "dropped",
-                len(train_rows) + len(val_rows),
-                len(self.train_set) + len(self.val_set),
-                self.block_size,
-                self.stride,
-                counts["dropped_tail_tokens"],
-            )
         log.info("Data: %s", self.stats)
-
-    def samples(self, rows, convert) -> list[tuple[list[Message], str]]:
-        """Held-out prompts for samples.jsonl: a validation conversation up to its last assistant
-        turn, with that turn as the reference answer."""
-        out = []
-        for row in rows:
-            if len(out) >= self.num_samples:
-                break
-            try:
-                msgs, _ = drop_opening_turns(convert(row))
-            except Skip:
-                continue
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append((msgs[:last], msgs[last]["content"]))
-        return out
 
     # -- loaders ---------------------------------------------------------------------------------
 
     accumulate = 1  # micro-batches per optimizer step (train.py: trainer.accumulate_grad_batches)
 
     def _loader(self, data, batch_size: int) -> DataLoader:
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            collate_fn=lm_collator(self.tokenizer),
-            num_workers=self.num_workers,
-        )
+        collate = lm_collator(self.tokenizer)
+        return eval_loader(data, batch_size, collate, self.num_workers, self.trainer)
 
     def train_dataloader(self) -> StepLoader | StreamSteps:
         """One optimizer step per item: a batch of `batch_size`, or with `accumulate` > 1 the
         list of the step's micro-batches, length-grouped and split over devices by `StepSampler`."""
         collate = lm_collator(self.tokenizer)
         if self.streaming:
-            stream = self.train_set.shuffle(seed=self.seed)
+            stream = split_stream(self.train_set.shuffle(seed=self.seed), self.trainer)
             return StreamSteps(stream, self.batch_size, self.accumulate, collate, self.num_workers)
         share = device_share(self.trainer)  # the trainer is None outside a fit
         sampler = StepSampler(

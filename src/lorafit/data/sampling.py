@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 Step = Any  # a collated batch (dict of tensors), or the list of a step's micro-batches
@@ -82,6 +85,35 @@ def device_share(trainer) -> dict[str, int]:
     return {"rank": trainer.global_rank, "world_size": trainer.world_size}
 
 
+def eval_loader(data, batch_size: int, collate_fn: Callable, num_workers: int, trainer):
+    """A validation/test loader in data order; over several devices each example goes to exactly
+    one of them (Lightning's `UnrepeatedDistributedSampler`, rank r takes r, r + W, ...).
+
+    Lightning's default distributed sampler pads the last round by repeating examples, so that
+    every rank runs the same number of batches; the repeats would then count twice in a mean
+    over all tokens, and `eval_loss` would differ from one device's. Here ranks may run one batch
+    fewer: evaluation steps hold no collective (metrics are reduced once, at the end).
+    """
+    share = device_share(trainer)
+    sampler = None
+    if share["world_size"] > 1:
+        sampler = UnrepeatedDistributedSampler(
+            data, num_replicas=share["world_size"], rank=share["rank"], shuffle=False
+        )
+    return DataLoader(
+        data, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+    )
+
+
+def split_stream(stream: datasets.IterableDataset, trainer) -> datasets.IterableDataset:
+    """This device's share of a stream (`datasets.distributed.split_dataset_by_node`): whole
+    shards per rank when the shards divide evenly, else every W-th example."""
+    share = device_share(trainer)
+    if share["world_size"] == 1:
+        return stream
+    return split_dataset_by_node(stream, rank=share["rank"], world_size=share["world_size"])
+
+
 class StepLoader:
     """A map-style data set's optimizer steps in `StepSampler` order, resumable mid-epoch.
 
@@ -130,6 +162,8 @@ class StepLoader:
         )
         for step in steps[start:]:
             batches = [next(micro) for _ in step]
+            for batch, indices in zip(batches, step, strict=True):  # named in fault reports
+                batch["example_index"] = torch.tensor(indices)
             self.steps_done += 1
             yield batches if self.sampler.accumulate > 1 else batches[0]
 

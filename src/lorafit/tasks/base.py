@@ -14,7 +14,6 @@ accumulation cannot know before the first micro-batch's backward pass.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -26,42 +25,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
-from transformers import get_scheduler
 
+from lorafit.lora import param_groups
+from lorafit.tasks import faults
 
-def warmup_schedule(
-    optimizer: torch.optim.Optimizer,
-    num_training_steps: int,
-    name: str = "cosine_with_min_lr",
-    warmup_ratio: float = 0.0,
-    **kwargs: Any,
-) -> LRScheduler:
-    """transformers' schedule `name` (`get_scheduler`) with the warmup given as a share of steps.
-
-    A ratio follows `trainer.max_steps` / epoch changes, where a fixed count would not (Lightning
-    knows the step count only once fitting starts). With W = `ceil(warmup_ratio *
-    num_training_steps)` warmup steps, optimizer step s (from 0) runs at min(1, (s + 1) / W) of the
-    learning rate, then `name` takes over: `cosine_with_min_lr` (decay to `min_lr_rate` x lr at
-    the last step), `constant_with_warmup`, `linear`, ...
-
-    The schedule starts one step in (transformers' step 0 has learning rate 0, so its first
-    optimizer step would change nothing, and a 1-step run would train nothing at all).
-
-    Args:
-        kwargs: the schedule's own arguments (`min_lr_rate`, `num_cycles`, ...), passed on as
-            transformers' `scheduler_specific_kwargs`.
-    """
-    scheduler = get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=math.ceil(num_training_steps * warmup_ratio),
-        num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=kwargs or None,
-    )
-    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
-    return scheduler
+FSDP_PREFIX = "_fsdp_wrapped_module."  # in parameter names of modules FSDP wrapped in place
 
 
 def dropout_rates(model: nn.Module) -> list[float]:
@@ -99,6 +67,8 @@ class LoRAModule(L.LightningModule):
         scheduler: partial schedule called with `optimizer` and `num_training_steps`, or None.
         gradient_clip_val: clip the gradient norm of each step to this (None or 0: no clipping);
             `trainer.gradient_clip_val`, which Lightning refuses under manual optimization.
+        skip_nonfinite_batches: steps with a non-finite loss or gradient norm that are skipped
+            (no update, counted) before the run stops with `faults.NonFiniteError`.
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +83,7 @@ class LoRAModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., LRScheduler] | None = None,
         gradient_clip_val: float | None = None,
+        skip_nonfinite_batches: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -128,6 +99,10 @@ class LoRAModule(L.LightningModule):
         self._stop_checkpoint: dict | None = None  # last.ckpt as saved at the stopping step
         self._saving_stop = False
         self._train_loader_state: dict | None = None  # from a checkpoint, for on_train_start
+        self._grads_checked = False  # check_unused_parameters runs once, on the first step
+        self.skip_nonfinite_batches, self.skipped_nonfinite = skip_nonfinite_batches or 0, 0
+        self.signals = faults.SignalWatch()  # Ctrl-C / SIGTERM: stop at a step boundary
+        self._rng_state: dict | None = None  # from a checkpoint, for on_train_start
 
     # -- what train.py asks of a task ------------------------------------------------------------
 
@@ -142,7 +117,8 @@ class LoRAModule(L.LightningModule):
         return {}
 
     def after_fit(self, trainer: L.Trainer, datamodule: Any, run_dir: Path) -> dict[str, Any]:
-        """Extra metrics.json entries after training (test-split metrics, pictures); none here."""
+        """Extra metrics.json entries after training (test-split metrics, pictures); none here.
+        Every rank calls it (an evaluation in it needs them all); only rank 0 may write files."""
         return {}
 
     # -- Lightning hooks --------------------------------------------------------------------------
@@ -173,8 +149,14 @@ class LoRAModule(L.LightningModule):
         t0 = time.perf_counter()
         batches = step if isinstance(step, list) else [step]
         strategy, world = self.trainer.strategy, self.trainer.world_size
-        count = torch.tensor(sum(self.loss_count(b) for b in batches), device=self.device)
-        total = int(strategy.reduce(count, reduce_op="sum"))  # N, over all devices
+        local = [
+            sum(self.loss_count(b) for b in batches),  # units of the loss
+            sum(int(b["attention_mask"].sum()) for b in batches),  # non-padding tokens
+        ]
+        # N and the tokens over all devices, in one all-reduce
+        total, tokens = strategy.reduce(
+            torch.tensor(local, device=self.device), reduce_op="sum"
+        ).tolist()
         no_sync = getattr(strategy.model, "no_sync", None)  # DDP / FSDP: skip the gradient sync
         summed = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -183,21 +165,87 @@ class LoRAModule(L.LightningModule):
                 loss = self.summed_loss(batch)
                 self.manual_backward(loss / (max(total, 1) / world))
             summed += loss.detach()
+        if not self._grads_checked:
+            self._grads_checked = True
+            self.check_unused_parameters()
+        mean = strategy.reduce(summed, reduce_op="sum") / max(total, 1)  # equal on every rank
         optimizer = self.optimizers()
-        optimizer.step()  # clips first: on_before_optimizer_step
+        if self.finite_step(mean, batches):
+            optimizer.step()  # clips first: on_before_optimizer_step
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         optimizer.zero_grad()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        mean = strategy.reduce(summed, reduce_op="sum") / max(total, 1)
         self.log("train/loss", mean, prog_bar=True, batch_size=max(total, 1))
 
         seconds = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # non-padding tokens
-        self.train_tokens += tokens
+        self.train_tokens += tokens  # all devices: tokens_per_s is the whole job's rate
         self.train_time += seconds
         self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True)
         return mean
+
+    def finite_step(self, mean: torch.Tensor, batches: list[dict]) -> bool:
+        """Whether the step's loss (`mean`, reduced over the ranks) and gradient norm (synchronised
+        by DDP) are finite, so that every rank decides alike. A non-finite step is skipped (no
+        update) and counted while `skip_nonfinite_batches` allows; after that the run stops
+        naming the step, its examples and the last good checkpoint.
+
+        Raises:
+            faults.NonFiniteError: one more non-finite step than `skip_nonfinite_batches`.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if str(self.trainer.precision).startswith("16"):  # GradScaler skips inf gradients itself
+            norm = torch.zeros(())
+        if bool(torch.isfinite(mean) & torch.isfinite(norm.to(mean.device))):
+            return True
+        self.skipped_nonfinite += 1
+        indices = [int(i) for b in batches for i in b.get("example_index", [])]
+        last = self._last_checkpoint_path()
+        message = faults.nonfinite_report(
+            self.trainer.global_step,
+            indices,
+            float(mean),
+            float(norm),
+            (last, self._saved_at_step) if last and self._saved_at_step >= 0 else None,
+            self.skipped_nonfinite,
+            self.skip_nonfinite_batches,
+        )
+        if self.skipped_nonfinite > self.skip_nonfinite_batches:
+            raise faults.NonFiniteError(message)
+        warnings.warn(f"Skipped: {message}", stacklevel=1)
+        return False
+
+    def check_unused_parameters(self) -> None:
+        """After the first step's backward pass: trainable parameters without a gradient belong to
+        layers whose output never reaches the loss (a LoRA target the forward pass skips).
+
+        One device: a warning (they stay at their initial values). DDP without
+        `find_unused_parameters`: an error here, on every rank alike, instead of DDP's own error
+        one step later ("Expected to have finished reduction in the prior iteration").
+
+        Raises:
+            ValueError: under DDP with `find_unused_parameters=False`, naming the parameters and
+                the config key that allows them.
+        """
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if not unused:
+            return
+        names = f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''} ({len(unused)})"
+        ddp = self.trainer.strategy.model
+        if getattr(ddp, "find_unused_parameters", True) is False and self.trainer.world_size > 1:
+            raise ValueError(
+                f"These trainable parameters got no gradient in the first step: {names}. Their "
+                "layers' output never reaches the loss, and DDP without find_unused_parameters "
+                "would fail on them. Leave those modules out of lora.target_modules (or "
+                "lora.exclude_modules), or set trainer.strategy.find_unused_parameters=true "
+                "(slower: DDP then searches the graph every step)."
+            )
+        warnings.warn(
+            f"Trainable parameters with no gradient (their output never reaches the loss; they "
+            f"stay untrained): {names}. Check lora.target_modules.",
+            stacklevel=1,
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Here, not in training_step: with float16 mixed precision the gradients are unscaled
@@ -206,8 +254,8 @@ class LoRAModule(L.LightningModule):
             self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        # Named groups (lora_A, lora_B, ...): LoRA+ sets B's rate, LearningRateMonitor logs each.
+        optimizer = self.optimizer_factory(param_groups(self.model))
         if self.scheduler_factory is None:
             return optimizer
         steps = self.trainer.estimated_stepping_batches
@@ -239,11 +287,20 @@ class LoRAModule(L.LightningModule):
         # comes after it has marked the epoch finished, and a run resumed from that checkpoint
         # would skip the rest of the epoch.
         trainer, path = self.trainer, self._last_checkpoint_path()
-        if path and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
-            self._saving_stop = True
+        stop_signal = self.signals.requested(trainer)  # Ctrl-C or SIGTERM during this step
+        if path and (
+            stop_signal or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        ):
+            self._saving_stop = not stop_signal
             trainer.save_checkpoint(path)
+        if stop_signal:
+            raise faults.RunInterrupted(stop_signal, trainer.global_step, path)
+
+    def teardown(self, stage: str) -> None:
+        self.signals.stop()  # also after an exception: Ctrl-C ends the process again
 
     def on_train_end(self) -> None:
+        self.signals.stop()
         # Runs after the callbacks' on_train_end, where ModelCheckpoint may have overwritten the
         # stop step's last.ckpt, or left a stale one (it saves at the end only if it saved nothing
         # earlier in the fit, e.g. with every_n_train_steps).
@@ -257,16 +314,28 @@ class LoRAModule(L.LightningModule):
         elif self._saved_at_step != self.trainer.global_step:
             self.trainer.save_checkpoint(path)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's state restricted to trainable parameters (Lightning's key names)."""
-        names = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the trainable parameters, as Lightning names them (`model.` + the
+        parameter's name; FSDP's wrapper names removed, as its full state dict has them)."""
+        return {
+            "model." + n.replace(FSDP_PREFIX, "")
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen base is reloaded from its own files; keeping it out makes a checkpoint of the
         # SmolLM2 default ~10 MB instead of ~540 MB.
-        checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["lorafit"] = {"train_tokens": self.train_tokens, "train_time": self.train_time}
+        # The strategy built `state_dict` (under FSDP: gathered whole on rank 0); keep its
+        # trainable part.
+        names = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        checkpoint["lorafit"] = {
+            "train_tokens": self.train_tokens,
+            "train_time": self.train_time,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "rng": faults.rng_state(),  # rank 0's: dropout goes on as if never stopped
+        }
         loader = self.trainer.train_dataloader
         if callable(getattr(loader, "state_dict", None)):  # lorafit.data.sampling.StepLoader
             checkpoint["lorafit"]["train_loader"] = loader.state_dict()
@@ -275,7 +344,7 @@ class LoRAModule(L.LightningModule):
             self._stop_checkpoint, self._saving_stop = checkpoint, False
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = set(self.trainable_state_dict())
+        expected = self.trainable_names()
         missing = sorted(expected - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - expected)
         if missing or unexpected:
@@ -289,12 +358,18 @@ class LoRAModule(L.LightningModule):
         self.train_tokens = totals.get("train_tokens", 0)
         self.train_time = totals.get("train_time", 0.0)
         self._train_loader_state = totals.get("train_loader")
+        self.skipped_nonfinite = totals.get("skipped_nonfinite", 0)
+        self._rng_state = totals.get("rng")
 
     def on_train_start(self) -> None:
         # The train loader's position (epoch, steps done) goes back in here, before its first
         # batch. Lightning saves it too (the fit loop's `combined_loader`) but loads it only into
         # a loader built after the checkpoint is read, and a schedule sized by
         # `estimated_stepping_batches` builds the loader before that.
+        self.signals.start()
+        if self._rng_state is not None:  # after Lightning's own seeding and setup
+            faults.set_rng_state(self._rng_state)
+            self._rng_state = None
         loader, state = self.trainer.train_dataloader, self._train_loader_state
         if state is not None and callable(getattr(loader, "load_state_dict", None)):
             loader.load_state_dict(state)

@@ -65,4 +65,4 @@ class CausalLMModule(LoRAModule):
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", value, prog_bar=True)
+        self.log("val/loss", value, prog_bar=True, sync_dist=True)  # equal on every rank

@@ -115,7 +115,8 @@ class ClassificationModule(LoRAModule):
         res = {"loss": loss, **plain_results(values, self.label_names)}
         self.results[stage] = res
         for key in ("loss", "accuracy", "macro_f1"):
-            self.log(f"{stage}/{key}", res[key], prog_bar=True)
+            # equal on every rank already; sync_dist only tells Lightning so
+            self.log(f"{stage}/{key}", res[key], prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -135,9 +136,12 @@ class ClassificationModule(LoRAModule):
         return label_kwargs(datamodule.label_names)
 
     def after_fit(self, trainer: L.Trainer, datamodule, run_dir: Path) -> dict[str, Any]:
-        """Evaluate on the test split, draw `confusion_matrix.png`; returns metrics.json entries."""
+        """Evaluate on the test split (every rank takes part), draw `confusion_matrix.png` (rank 0);
+        returns metrics.json entries."""
         trainer.test(self, datamodule=datamodule, verbose=False)
         test, val = self.results["test"], self.results["val"]
+        if not trainer.is_global_zero:
+            return {}
         plot_confusion_matrix(
             test["confusion"],
             self.label_names,
