@@ -83,8 +83,8 @@ class ClassificationModule(LoRAModule):
     # (RoBERTa's holds dense + out_proj), decoders' `score`, DistilBERT's new `pre_classifier`.
     heads = ("classifier", "score", "pre_classifier")
 
-    def __init__(self, model: nn.Module, optimizer, scheduler=None, gradient_clip_val=None):
-        super().__init__(model, optimizer, scheduler, gradient_clip_val)
+    def __init__(self, model: nn.Module, optimizer, **kwargs: Any):
+        super().__init__(model, optimizer, **kwargs)  # scheduler, clipping, non-finite skips
         n = model.config.num_labels
         self.label_names = [str(model.config.id2label[i]) for i in range(n)]
         self.metrics = nn.ModuleDict({s: classification_metrics(n) for s in ("val", "test")})
