@@ -1,10 +1,15 @@
 """Shared fixtures: tiny random Llama models built from config (no weights read)."""
 
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# The forgetting probe (`eval.general_docs`, 200 BBC documents by default) on 8 documents in every
+# run the tests start, subprocesses included: the probe is tested on its own (test_general_loss).
+os.environ.setdefault("LORAFIT_GENERAL_DOCS", "8")
 
 TINY_LLAMA = dict(
     hidden_size=64,
