@@ -289,3 +289,18 @@ def test_merge_keeps_the_base_dtype_unless_asked(make_llama, smol_tokenizer, tmp
     assert "weights in float32 (from --dtype)" in capsys.readouterr().out
     f32 = load_file(tmp_path / "f32" / "model.safetensors")
     assert {t.dtype for t in f32.values()} == {torch.float32}
+
+
+def test_output_over_its_own_source_is_refused_even_with_overwrite(adapter_dir, tmp_path):
+    run = adapter_dir.parent
+    for out in (run, adapter_dir, tmp_path):  # the run, its adapter, a folder holding the run
+        with pytest.raises(MergeError, match="holds the source"):
+            merge_to_folder([run], out, overwrite=True)
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_a_model_template_is_not_a_builtin_base():
+    from lorafit.models import builtin_model
+
+    assert builtin_model("hf") is None  # conf/model/hf.yaml: name_or_path ???
+    assert builtin_model("smollm2_135m").name == "smollm2_135m"

@@ -5,8 +5,9 @@ Lightning's DDP starts ranks 1..N-1 of a node by re-running the command line of 
 (`python -m lorafit.train ARGV`, `lightning.pytorch.strategies.launchers.subprocess_script`) with
 `hydra.run.dir=<hydra.run.dir>` added. Two things in a Hydra job break that: in a multirun the
 argv holds `-m` and the sweep (each rank would start the whole sweep), and `hydra.run.dir` is not
-the job's folder. `ranks_scope` gives the launcher this job's own command instead: its resolved
-overrides in run mode, its output folder, and no log file (rank 0 alone writes the run folder).
+the job's folder. `prepare_launch` gives the launcher this job's own command instead: its resolved
+overrides in run mode, its output folder, and no log file (rank 0 alone writes the run folder);
+`ranks_scope` puts the process back as it was for the next job of a sweep.
 """
 
 from __future__ import annotations

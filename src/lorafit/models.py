@@ -112,7 +112,8 @@ def quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[st
 
 
 def builtin_model(name: str) -> ModelConfig | None:
-    """The built-in entry `conf/model/NAME.yaml` as a ModelConfig, or None if there is none."""
+    """The built-in entry `conf/model/NAME.yaml` as a ModelConfig, or None if there is none (a
+    template such as `hf.yaml`, whose `name_or_path` is `???`, names no model)."""
     from lorafit.config import CONF_DIR
 
     path = Path(CONF_DIR) / "model" / f"{name}.yaml"
@@ -120,6 +121,8 @@ def builtin_model(name: str) -> ModelConfig | None:
         return None
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     node.pop("_target_", None)
+    if node.get("name_or_path") in (None, "???") and not (node.get("package") or node.get("gguf")):
+        return None
     return ModelConfig(**node)
 
 

@@ -134,11 +134,16 @@ def resume_argv(argv: list[str]) -> list[str]:
         )
     import yaml
 
+    # Hydra rewrites overrides.yaml at every start: resume from the run's first overrides, so that
+    # a resume that failed with a wrong extra override does not become part of the run.
+    first = saved_file.with_name("overrides.before_resume.yaml")
+    if not first.is_file():
+        first.write_text(saved_file.read_text())
     extra = [a for a in argv if a not in given]
     keys = {a.lstrip("+~").split("=", 1)[0] for a in extra}
     saved = [
         o
-        for o in yaml.safe_load(saved_file.read_text()) or []
+        for o in yaml.safe_load(first.read_text()) or []
         if o.lstrip("+~").split("=", 1)[0] not in keys | {"ckpt_path", "resume"}
     ]
     logged = run_dir / "csv/metrics.csv"  # Lightning's CSV logger starts it anew: set it aside

@@ -302,6 +302,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
             )
     artifacts.write_metrics(run_dir / "metrics.json", metrics)
+    for stale in ("failed.json", "interrupted.json"):  # of earlier attempts, before a resume
+        (run_dir / stale).unlink(missing_ok=True)
     log.info(
         "eval_loss %.4f -> %.4f (%.0f%% lower); adapter %s bytes; run folder %s",
         metrics["eval_loss_before"],
@@ -331,6 +333,9 @@ def main(cfg: DictConfig) -> float | None:
     except faults.RunInterrupted as e:  # Ctrl-C / SIGTERM: a resumable run folder, then exit
         finish_wandb(failed=True)
         run_dir = Path(hc.runtime.output_dir)
+        resume = f"lorafit train resume={run_dir}" if e.checkpoint else None
+        if sweeping.current_trial() is not None:  # the study asks this trial's values again
+            resume = "the same `lorafit train -m ...` command: the Optuna study resumes"
         if rank_zero_only.rank == 0:
             artifacts.write_metrics(
                 run_dir / "interrupted.json",
@@ -339,10 +344,10 @@ def main(cfg: DictConfig) -> float | None:
                     "signal": e.signal_name,
                     "step": e.step,
                     "checkpoint": e.checkpoint,
-                    "resume": f"lorafit train resume={run_dir}" if e.checkpoint else None,
+                    "resume": resume,
                 },
             )
-        print(f"\nlorafit: {e}\nResume: lorafit train resume={run_dir}\n", file=sys.stderr)
+        print(f"\nlorafit: {e}\nResume: {resume or 'start again'}\n", file=sys.stderr)
         raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
     except Exception as e:
         if sweeping.is_pruned(e):  # the sweeper tells the study PRUNED; the run folder says so

@@ -84,6 +84,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_adapter(tiny, straight, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == STEPS
+    assert not (run / "interrupted.json").exists()  # the finished folder says only that
     a, b = adapter(straight), adapter(run)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, f"signal in step {step + 1}"
     if sig != signal.SIGKILL:  # the loss logged before the stop is kept (a kill loses it)

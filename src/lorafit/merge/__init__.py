@@ -212,6 +212,13 @@ def merge_to_folder(
     if out.exists() and not overwrite:
         raise MergeError(f"Output folder {out} exists; choose another --out or pass --overwrite.")
     adapter_dirs = [find_adapter_dir(s) for s in sources]
+    for source, adapter_dir in zip(sources, adapter_dirs, strict=True):
+        kept = {Path(source).resolve(), adapter_dir.resolve()}
+        if any(k == out.resolve() or k.is_relative_to(out.resolve()) for k in kept):
+            raise MergeError(
+                f"--out {out} holds the source {source}: writing the merged model there would "
+                "delete it. Choose another --out."
+            )
     first = read_adapter_config(adapter_dirs[0])
     base_dir = resolve_base(base, adapter_dirs[0])
     source = "--dtype" if dtype else "the base's config.json"
