@@ -57,6 +57,19 @@ def test_non_utf8_names_file_line_and_byte_offset(tok, tmp_path):
         module(tok, tmp_path, path).setup()
 
 
+def test_a_folder_goes_through_the_reader_file_by_file(tmp_path):
+    """`data.path=FOLDER`: its files by split as `datasets` names them, each decoded and located
+    like a single file (a folder used to go to `load_dataset` whole, past the reader)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(jsonl_bytes([qa(0), qa(1)]))
+    (folder / "test.jsonl").write_bytes(b'{"prompt": "caf\xe9?", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl line 1, byte offset 15: b'\\xe9'"):
+        read_splits(str(folder), cache_dir=str(tmp_path / "cache"))
+    read = read_splits(str(folder), cache_dir=str(tmp_path / "cache"), encoding="latin-1")
+    assert sorted(read.splits) == ["test", "train"] and read.splits["test"]["prompt"] == ["café?"]
+
+
 def test_encoding_errors_replace_counts_lines_and_encoding_decodes(tok, tmp_path):
     rows = jsonl_bytes([qa(i) for i in range(4)])
     bad = b'{"prompt": "caf\xe9 cr\xe8me?", "completion": "na\xefve."}\n'  # three bytes, one line

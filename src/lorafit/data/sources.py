@@ -19,6 +19,7 @@ from typing import Any
 
 import datasets
 import yaml
+from datasets.data_files import DataFilesDict, get_data_patterns
 
 from lorafit.assets import package_file
 from lorafit.data.formats import DataError, Message
@@ -121,6 +122,10 @@ def read_splits(
         raise DataError(
             f"{key}='{path}' does not exist; give an existing file, folder or glob, or a hub id."
         )
+    elif local.is_dir() and data_files is None and (found := folder_files(local)):
+        builder, extra = BUILDERS[Path(next(iter(found.values()))[0]).suffix.lower()]
+        kwargs["data_files"], args = found, (builder,)  # so the reader sees each file
+        kwargs.update(extra)
     else:
         args = (str(local) if local.is_dir() else path, name)
     scans: dict[str, Scan] = {}
@@ -152,6 +157,20 @@ def read_splits(
     if isinstance(splits, datasets.Dataset | datasets.IterableDataset):
         splits = {"train": splits}
     return located(splits, scans, f"{key}='{path}'")
+
+
+def folder_files(folder: Path) -> dict[str, list[str]] | None:
+    """A folder's data files by split, as `datasets` infers them from the file names (`train*`,
+    `test*`, ...; everything is `train` otherwise), or None when the files do not share one suffix
+    that `BUILDERS` knows (the folder then goes to `load_dataset` as it is)."""
+    try:
+        patterns = get_data_patterns(str(folder))
+        found = DataFilesDict.from_patterns(patterns, base_path=str(folder))
+    except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError):
+        return None
+    files = {str(split): [str(f) for f in fs] for split, fs in found.items() if fs}
+    suffixes = {Path(f).suffix.lower() for fs in files.values() for f in fs}
+    return files if len(suffixes) == 1 and suffixes <= set(BUILDERS) else None
 
 
 def located(splits: Any, scans: dict[str, Scan], where: str) -> Read:
