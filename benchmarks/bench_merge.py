@@ -238,7 +238,14 @@ def write_results(a, adapter, forward, generate, merge_check, casts) -> None:
         )
     text = "\n".join(lines) + "\n"
     if a.out != "-":
-        Path(a.out).write_text(text)
+        out = Path(a.out)
+        old = out.read_text() if out.is_file() else ""
+        # other benchmarks' sections ("# Benchmark: ..." after this one's) are kept
+        later = old.find("\n# Benchmark:", 1)
+        rest = old[later:] if later >= 0 and not old[later:].startswith("\n" + lines[0]) else ""
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + rest)
+        tmp.replace(out)
     print(text)
 
 
