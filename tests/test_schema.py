@@ -79,7 +79,7 @@ def group_keys() -> dict[str, set[str]]:
     keys = {"": set(yaml.safe_load((Path(CONF_DIR) / "train.yaml").read_text()))}
     keys["samples"] = {"num_prompts", "max_new_tokens"}
     keys["trainer"] = set(TRAINER_EXTRA_KEYS)
-    for group in ("model", "data", "lora", "optimizer", "scheduler", "trainer"):
+    for group in ("model", "data", "lora", "optimizer", "scheduler", "trainer", "task"):
         for path in (Path(CONF_DIR) / group).glob("*.yaml"):
             node = yaml.safe_load(path.read_text()) or {}
             built = {"model": ModelConfig, "lora": LoRAConfig}.get(group)

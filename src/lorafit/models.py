@@ -63,6 +63,10 @@ class ModelConfig:
         trust_remote_code: passed to `from_pretrained` (model code from the hub repo).
         quantization: `nf4`, `int8` or None: load the frozen base quantized by bitsandbytes
             (QLoRA, Dettmers et al. 2023); the LoRA layers stay in float.
+        gradient_checkpointing: recompute each block's activations in backward instead of
+            keeping them (transformers' `gradient_checkpointing_enable`, non-reentrant: with a
+            frozen base the reentrant variant needs inputs that require grad, PEFT's
+            `enable_input_require_grads` workaround; the non-reentrant one does not).
     """
 
     name: str = "hf"
@@ -73,6 +77,7 @@ class ModelConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     quantization: str | None = None
+    gradient_checkpointing: bool = False
 
 
 QUANTIZATIONS = ("nf4", "int8")
@@ -252,6 +257,17 @@ def load_model(
             "weights, or a hub id (needs internet), or a built-in such as `model=smollm2_135m`."
         ) from e
     model.requires_grad_(False)
+    if model_cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ModelError(
+                f"model.gradient_checkpointing=true: {type(model).__name__} does not support "
+                "gradient checkpointing in transformers; set it to false."
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

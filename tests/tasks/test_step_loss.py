@@ -158,5 +158,8 @@ def test_step_loss_and_update_match_transformers(smol_dir, smol_tokenizer, tmp_p
     trainer.fit(module, train_dataloaders=dm.train_dataloader())  # its first step is `step`
     assert abs(float(trainer.callback_metrics["train/loss"]) - float(want)) < 1e-5
     grads = dict(reference.named_parameters())
-    for k, p in trainable.items():  # SGD at lr 1: before - after = gradient
-        assert ((before[k] - p.detach()) - grads[k].grad).abs().max() < 1e-6, k
+    # SGD at lr 1: before - after = gradient. lorafit scores only the supervised rows, in chunks
+    # (lorafit.tasks.lm_loss): float32 sums in another order, equal to 1e-4 of the largest entry.
+    for k, p in trainable.items():
+        scale = grads[k].grad.abs().max()
+        assert ((before[k] - p.detach()) - grads[k].grad).abs().max() < 1e-4 * scale, k

@@ -29,6 +29,14 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of LoRA weights on a base stored in `base_dtype`: float32, or float64 on a
+    float64 base. A bfloat16/float16 base (`model.dtype`) or a quantized one keeps its adapter,
+    gradients and optimizer state in float32, as PEFT's `autocast_adapter_dtype=True`; the
+    forward pass casts A and B to the activations' dtype."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
 def dense_weight(module: nn.Module) -> Tensor:
     """The base weight as ``(out, in)``: a view of the parameter (Conv1D's transposed).
 
@@ -89,9 +97,7 @@ class LoRALinear(nn.Module):
         self.use_dora = use_dora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         w = base_layer.weight
-        # A quantized base stores packed integers: the LoRA path stays float32 there.
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        kw = {"device": w.device, "dtype": dtype}
+        kw = {"device": w.device, "dtype": adapter_dtype(w.dtype)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -243,7 +249,7 @@ class LoRAEmbedding(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         w = base_layer.weight
-        kw = {"device": w.device, "dtype": w.dtype}
+        kw = {"device": w.device, "dtype": adapter_dtype(w.dtype)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
         self.merged = False
@@ -264,7 +270,7 @@ class LoRAEmbedding(nn.Module):
         after_A = F.embedding(  # rows of A.T: (..., r), with the base's lookup options
             x, self.lora_A.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse
         )
-        return out + (after_A @ self.lora_B.T) * self.scaling
+        return out + ((after_A @ self.lora_B.T) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> Tensor:
         """Return ``B @ A * scaling`` in float32, shape ``(embedding_dim, num_embeddings)``."""

@@ -85,6 +85,7 @@ RANGES: dict[str, Range] = {
     "data.eval_batch_size": COUNT,
     "data.global_batch_size": COUNT,
     "data.max_length": COUNT,
+    "data.micro_batch_tokens": COUNT,
     "data.block_size": COUNT,
     "data.stride": Range(ge=0),
     "data.val_fraction": SHARE,
@@ -102,6 +103,7 @@ RANGES: dict[str, Range] = {
     "trainer.num_sanity_val_steps": Range(ge=0, also=(-1,)),
     "trainer.limit_val_batches": Range(ge=0),
     "trainer.skip_nonfinite_batches": Range(ge=0),
+    "task.logits_chunk": Range(ge=0),
     "samples.num_prompts": Range(ge=0),
     "samples.max_new_tokens": COUNT,
 }
@@ -112,6 +114,7 @@ TYPES: dict[str, Any] = {
     "samples.max_new_tokens": int,
     "scheduler.min_lr_rate": float,
     "trainer.skip_nonfinite_batches": int,
+    "trainer.compile": bool,
     "threads": int | None,
 }
 

@@ -103,6 +103,7 @@ class LoRAModule(L.LightningModule):
         self.skip_nonfinite_batches, self.skipped_nonfinite = skip_nonfinite_batches or 0, 0
         self.signals = faults.SignalWatch()  # Ctrl-C / SIGTERM: stop at a step boundary
         self._rng_state: dict | None = None  # from a checkpoint, for on_train_start
+        self.last_fit_validation: tuple[int, dict[str, float]] | None = None
 
     # -- what train.py asks of a task ------------------------------------------------------------
 
@@ -149,26 +150,28 @@ class LoRAModule(L.LightningModule):
         t0 = time.perf_counter()
         batches = step if isinstance(step, list) else [step]
         strategy, world = self.trainer.strategy, self.trainer.world_size
-        local = [
-            sum(self.loss_count(b) for b in batches),  # units of the loss
-            sum(int(b["attention_mask"].sum()) for b in batches),  # non-padding tokens
-        ]
-        # N and the tokens over all devices, in one all-reduce
-        total, tokens = strategy.reduce(
-            torch.tensor(local, device=self.device), reduce_op="sum"
-        ).tolist()
+        # Counts stay on the device: no host read here (the one per step is `finite_step`'s).
+        local = torch.stack(
+            [
+                sum(torch.as_tensor(self.loss_count(b), device=self.device) for b in batches),
+                sum(b["attention_mask"].sum() for b in batches),  # non-padding tokens
+            ]
+        )
+        # N and the tokens over all devices, in one all-reduce (one device: the same tensor)
+        total, tokens = strategy.reduce(local, reduce_op="sum").unbind()
+        per_device = total.clamp(min=1) / world
         no_sync = getattr(strategy.model, "no_sync", None)  # DDP / FSDP: skip the gradient sync
         summed = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 loss = self.summed_loss(batch)
-                self.manual_backward(loss / (max(total, 1) / world))
+                self.manual_backward(loss / per_device)
             summed += loss.detach()
         if not self._grads_checked:
             self._grads_checked = True
             self.check_unused_parameters()
-        mean = strategy.reduce(summed, reduce_op="sum") / max(total, 1)  # equal on every rank
+        mean = strategy.reduce(summed, reduce_op="sum") / total.clamp(min=1)  # equal on every rank
         optimizer = self.optimizers()
         if self.finite_step(mean, batches):
             optimizer.step()  # clips first: on_before_optimizer_step
@@ -176,13 +179,23 @@ class LoRAModule(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
         optimizer.zero_grad()
-        self.log("train/loss", mean, prog_bar=True, batch_size=max(total, 1))
+        self.log("train/loss", mean, prog_bar=True, batch_size=1)  # Lightning reads it when logging
 
         seconds = time.perf_counter() - t0
-        self.train_tokens += tokens  # all devices: tokens_per_s is the whole job's rate
+        self._tokens = tokens + (self._tokens if self._tokens is not None else 0)  # all devices
         self.train_time += seconds
-        self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True)
+        self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True, batch_size=1)
         return mean
+
+    @property
+    def train_tokens(self) -> int:
+        """Non-padding tokens trained on, over all devices and (after a resume) the whole run;
+        read from the device only when asked (logging, checkpoints, metrics.json)."""
+        return self._tokens_before + (int(self._tokens) if self._tokens is not None else 0)
+
+    @train_tokens.setter
+    def train_tokens(self, value: int) -> None:
+        self._tokens_before, self._tokens = int(value), None
 
     def finite_step(self, mean: torch.Tensor, batches: list[dict]) -> bool:
         """Whether the step's loss (`mean`, reduced over the ranks) and gradient norm (synchronised
@@ -360,6 +373,14 @@ class LoRAModule(L.LightningModule):
         self._train_loader_state = totals.get("train_loader")
         self.skipped_nonfinite = totals.get("skipped_nonfinite", 0)
         self._rng_state = totals.get("rng")
+
+    def on_validation_end(self) -> None:
+        # The metrics of a validation inside fit, with the step it ran at: `lorafit.train` reuses
+        # them as the after-training metrics when that step is the last one.
+        trainer = self.trainer
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k[:4] == "val/"}
+            self.last_fit_validation = (trainer.global_step, metrics)
 
     def on_train_start(self) -> None:
         # The train loader's position (epoch, steps done) goes back in here, before its first

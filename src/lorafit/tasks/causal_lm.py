@@ -1,66 +1,57 @@
-"""Causal-LM fine-tuning: next-token cross-entropy on the supervised (assistant) tokens."""
+"""Causal-LM fine-tuning: next-token cross-entropy on the supervised (assistant) tokens.
+
+The loss never builds whole `(B, T, V)` logits: the decoder runs to hidden states and the output
+head scores only the supervised positions, `logits_chunk` rows at a time (`lorafit.tasks.lm_loss`).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lorafit.data.encoding import IGNORE_INDEX
+from lorafit.data.packing import model_inputs
 from lorafit.tasks.base import LoRAModule
+from lorafit.tasks.lm_loss import causal_lm_loss, supervised_loss, supervised_tokens
 
-
-def supervised_tokens(labels: torch.Tensor) -> int:
-    """How many positions of (B, T) `labels` are next-token targets: labelled, and not the first
-    position (nothing predicts it)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
-) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy over labelled positions.
-
-    Args:
-        logits: (B, T, V) scores for the token after each position.
-        labels: (B, T) target ids, `IGNORE_INDEX` (-100) where no loss is taken.
-        reduction: `mean` (per supervised token) or `sum` (over the supervised tokens).
-
-    Returns:
-        (loss in nats, number of supervised tokens N).
-
-    Only the N labelled rows are upcast to float32 ((N, V), not (B, T, V)): with a 49k vocabulary
-    and answers that are a fraction of each conversation, this is most of the loss's memory.
-    """
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    keep = shift_labels != IGNORE_INDEX
-    n = int(keep.sum())
-    picked = logits[:, :-1][keep].float()  # (N, V)
-    loss = F.cross_entropy(picked, shift_labels[keep], reduction="sum")
-    return (loss if reduction == "sum" else loss / max(n, 1)), n
+__all__ = ["CausalLMModule", "causal_lm_loss", "model_inputs", "supervised_tokens"]
 
 
 class CausalLMModule(LoRAModule):
-    """A causal LM (`AutoModelForCausalLM`) trained on `causal_lm_loss`: each optimizer step on
-    the mean over all its supervised tokens; `val/loss` is the mean over every supervised
-    validation token (weighted by each batch's token count)."""
+    """A causal LM (`AutoModelForCausalLM`) trained on next-token cross-entropy: each optimizer
+    step on the mean over all its supervised tokens; `val/loss` is the mean over every supervised
+    validation token (weighted by each batch's token count).
+
+    Args:
+        logits_chunk: rows of output-head scores computed at once (default 1,024: at most
+            `(1024, V)` float32 scores exist); null or 0: whole `(B, T, V)` logits, as
+            `model(...).logits` (more memory; the path before this switch existed).
+        **kwargs: `LoRAModule`'s.
+    """
 
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
     loss_label = "loss per supervised token (nats)"
     loss_unit = "supervised tokens"
 
+    def __init__(self, *args, logits_chunk: int | None = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        if logits_chunk is not None and (not isinstance(logits_chunk, int) or logits_chunk < 0):
+            raise ValueError(
+                f"task.logits_chunk={logits_chunk}: give a whole number of rows (e.g. 1024), or "
+                "null for whole logits."
+            )
+        self.logits_chunk = logits_chunk
+
     def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        return causal_lm_loss(logits, batch["labels"], reduction="sum")[0]
+        return supervised_loss(self.model, model_inputs(batch), batch["labels"], self.logits_chunk)
 
     @staticmethod
-    def loss_count(batch: dict[str, torch.Tensor]) -> int:
+    def loss_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return supervised_tokens(batch["labels"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss, n = causal_lm_loss(logits, batch["labels"])
-        self.val_loss.update(loss, weight=n)
+        n = supervised_tokens(batch["labels"])
+        summed = self.summed_loss(batch)
+        self.val_loss.update(summed / n.clamp(min=1), weight=n)
 
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute()

@@ -22,9 +22,10 @@ from torch import nn
 
 from lorafit.assets import AssetError
 from lorafit.data.general import general_batches, general_texts
-from lorafit.tasks.causal_lm import causal_lm_loss
+from lorafit.tasks.lm_loss import supervised_loss, supervised_tokens
 
 log = logging.getLogger(__name__)
+LOGITS_CHUNK = 1024  # output-head rows scored at once (lorafit.tasks.lm_loss)
 
 
 class GeneralLoss:
@@ -36,6 +37,9 @@ class GeneralLoss:
         general_docs: Documents in the sample (fixed: the same in every run).
         general_max_tokens: The first tokens of each document that are scored.
         batch_size: Documents per forward pass.
+        cache_before: Keep the metrics before training (this and `eval_loss`) in lorafit's
+            cache, keyed by base model files and data (`lorafit.tasks.evaluation`), so the runs
+            of a sweep compute them once; false: always compute.
         task: The run's task name; only `causal_lm` models are scored (a classifier has no
             language-model head).
         tokenizer: The run's tokenizer.
@@ -51,11 +55,13 @@ class GeneralLoss:
         general_docs: int = 200,
         general_max_tokens: int = 128,
         batch_size: int = 16,
+        cache_before: bool = True,
         *,
         task: str = "causal_lm",
         tokenizer: Any = None,
     ):
         self.batches: list[dict[str, torch.Tensor]] = []
+        self.cache_before = cache_before
         if general_text is None:
             log.info("eval.general_text is null: no general_loss_before/after.")
             return
@@ -89,12 +95,11 @@ class GeneralLoss:
         try:
             for batch in self.batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
                 with context():
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                summed, n = causal_lm_loss(logits, batch["labels"], reduction="sum")
-                total, count = total + float(summed), count + n
+                    summed = supervised_loss(model, inputs, batch["labels"], LOGITS_CHUNK)
+                total += float(summed)
+                count += int(supervised_tokens(batch["labels"]))
         finally:
             for m, mode in modes.items():
                 m.train(mode)
