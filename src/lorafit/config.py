@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT = _PACKAGE.parents[1]  # <checkout>/src/lorafit -> <checkout>
@@ -86,6 +86,13 @@ if not OmegaConf.has_resolver("lorafit.mul"):  # sweeps: lora_alpha = ${lorafit.
 # -- config nodes -> objects -----------------------------------------------------------------------
 
 
+def plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes them) -> plain dicts/lists; anything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def accepted_keys(target: Callable) -> list[str] | None:
     """The keyword arguments `target` (a class or function) takes; None when it takes any."""
     if dataclasses.is_dataclass(target):
@@ -100,7 +107,7 @@ def accepted_keys(target: Callable) -> list[str] | None:
 
 
 # `trainer.*` keys that lorafit reads itself (`lorafit.train.make_trainer` removes them).
-TRAINER_EXTRA_KEYS = ("skip_nonfinite_batches",)
+TRAINER_EXTRA_KEYS = ("skip_nonfinite_batches", "compile")
 
 
 def check_keys(node: dict | DictConfig, target: Callable, key: str, origin: str = "") -> None:

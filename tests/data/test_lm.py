@@ -18,6 +18,7 @@ from lorafit.data.encoding import (
 )
 from lorafit.data.formats import DataError
 from lorafit.data.lm import ChatDataModule
+from lorafit.data.sampling import longest_first
 from lorafit.data.sources import load_chatterbot
 
 CHAT = [
@@ -195,8 +196,11 @@ def test_split_is_deterministic_and_disjoint(smol_tokenizer):
     assert len(a.sample_prompts) == 2
     batch = next(iter(a.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8
-    # transformers' collator: the rows' values on real positions, padding after them.
-    batch, rows = next(iter(a.val_dataloader())), list(a.val_set.select(range(16)))
+    # transformers' collator: the rows' values on real positions, padding after them; the
+    # validation loader goes longest first (fewer padded positions), which changes no mean.
+    batch, rows = next(iter(a.val_dataloader())), list(longest_first(a.val_set))[:16]
+    lengths = [len(r["input_ids"]) for r in longest_first(a.val_set)]
+    assert lengths == sorted(lengths, reverse=True) and sorted(lengths) != lengths
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["input_ids"].shape[1] - 8 < max(len(r["input_ids"]) for r in rows)
     for i, row in enumerate(rows):

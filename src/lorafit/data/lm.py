@@ -1,10 +1,9 @@
 """Causal-LM data module: a data set -> messages or text -> tokenized, masked train/val batches.
 
-Reading is `lorafit.data.sources`, row formats `lorafit.data.formats`; rendering, masking and
-chunking `lorafit.data.encoding`. Tokenization is a `datasets.map` cached by the data set's
-fingerprint, the tokenizer and the encoding options (`lorafit.data.tokenized`), so running the
-same data again reads it back. The built-in chatterbot corpus goes the same way, as an in-memory
-`datasets.Dataset` of message lists.
+Reading is `lorafit.data.sources`, row formats `lorafit.data.formats`, rendering, masking and
+chunking `lorafit.data.encoding`, packing `lorafit.data.packing`. Tokenization (the built-in
+chatterbot corpus too) is a `datasets.map` cached by data fingerprint, tokenizer and encoding
+options (`lorafit.data.tokenized`), so running the same data again reads it back.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from typing import Any
 
 import datasets
 import lightning as L
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from lorafit.config import plain
 from lorafit.data.encoding import (
     ENCODING_VERSION,
     FEATURES,
@@ -37,6 +36,7 @@ from lorafit.data.formats import (
     held_out_prompts,
     make_converter,
 )
+from lorafit.data.packing import packed_collator
 from lorafit.data.reader import Locator, SkipLog
 from lorafit.data.sampling import (
     StepLoader,
@@ -59,13 +59,6 @@ from lorafit.data.tokenized import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (Hydra passes them) -> plain dicts/lists; anything else unchanged."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -103,6 +96,9 @@ class ChatDataModule(L.LightningDataModule):
         batch_size: training examples per batch (per device); `eval_batch_size` for validation.
         global_batch_size: examples per optimizer step over all devices and micro-batches;
             `batch_size` is then the largest micro-batch (`lorafit.distributed.step_shape`).
+        packing: pack training micro-batches into rows of `max_length` (`lorafit.data.packing`).
+        micro_batch_tokens: padded positions per training micro-batch at most: a longer step is
+            cut into more micro-batches, same examples and loss (`StepSampler`); None: no cut.
         train_on_prompt: put labels on prompt tokens too (default: assistant turns only).
         train_on_all_assistant_turns: label every assistant turn (False: only the last one).
         max_train_examples: cap the training split (after the split), e.g. for quick runs.
@@ -140,6 +136,8 @@ class ChatDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         global_batch_size: int | None = None,
+        packing: bool = False,
+        micro_batch_tokens: int | None = None,
         train_on_prompt: bool = False,
         train_on_all_assistant_turns: bool = True,
         max_train_examples: int | None = None,
@@ -159,13 +157,14 @@ class ChatDataModule(L.LightningDataModule):
             raise DataError(f"data.stride={stride} must be >= 0 and below data.block_size.")
         self.tokenizer = tokenizer
         self.source, self.path, self.language, self.format = source, path, language, format
-        self.columns, self.data_files = _plain(columns), _plain(data_files)
+        self.columns, self.data_files = plain(columns), plain(data_files)
         self.split, self.val_split, self.revision, self.subset = split, val_split, revision, subset
         self.streaming, self.template, self.encoding = streaming, template, encoding
         self.encoding_errors, self.max_length, self.stride = encoding_errors, max_length, stride
         self.keep_document_boundaries = keep_document_boundaries
         self.val_fraction, self.val_examples, self.seed = val_fraction, val_examples, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size, self.packing = batch_size, eval_batch_size, packing
+        self.micro_batch_tokens = micro_batch_tokens
         self.global_batch_size, self.train_on_prompt = global_batch_size, train_on_prompt
         self.train_on_all_assistant_turns = train_on_all_assistant_turns
         self.max_train_examples, self.num_samples = max_train_examples, num_samples
@@ -377,22 +376,22 @@ class ChatDataModule(L.LightningDataModule):
 
     accumulate = 1  # micro-batches per optimizer step (train.py: trainer.accumulate_grad_batches)
 
-    def _loader(self, data, batch_size: int) -> DataLoader:
-        collate = lm_collator(self.tokenizer)
-        return eval_loader(data, batch_size, collate, self.num_workers, self.trainer)
-
     def train_dataloader(self) -> StepLoader | StreamSteps:
         """One optimizer step per item: a batch of `batch_size`, or with `accumulate` > 1 the
         list of the step's micro-batches, length-grouped and split over devices by `StepSampler`."""
         collate = lm_collator(self.tokenizer)
+        if self.packing:  # a row holds at least the longest example (a text chunk: block_size)
+            collate = packed_collator(self.tokenizer, max(self.max_length, self.block_size))
         if self.streaming:
             stream = split_stream(self.train_set.shuffle(seed=self.seed), self.trainer)
             return StreamSteps(stream, self.batch_size, self.accumulate, collate, self.num_workers)
         share = device_share(self.trainer)  # the trainer is None outside a fit
         sampler = StepSampler(
-            self.train_lengths, self.batch_size, self.accumulate, self.seed, **share
-        )
+            self.train_lengths, self.batch_size, self.accumulate, self.seed, **share,
+            max_tokens=None if self.packing else self.micro_batch_tokens,
+        )  # fmt: skip
         return StepLoader(self.train_set, sampler, collate, self.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size)
+    def val_dataloader(self) -> DataLoader:  # padded batches, with `packing` too
+        collate, workers = lm_collator(self.tokenizer), self.num_workers
+        return eval_loader(self.val_set, self.eval_batch_size, collate, workers, self.trainer)

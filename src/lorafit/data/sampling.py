@@ -34,11 +34,19 @@ class StepSampler:
     a `DistributedSampler` (which would shuffle the grouping away). With one device the last step
     may be short; with several it is dropped, so that every rank runs the same steps.
 
+    With `max_tokens`, a step whose micro-batches would pad to more than `max_tokens` positions
+    (examples x longest, rounded up to 8) has each of them cut into k smaller ones, the same k on
+    every rank (from the whole step): the step keeps its examples and its loss (normalised by the
+    whole step's count), and the largest activations any micro-batch holds are bounded by
+    `max_tokens` instead of `batch_size x max_length`.
+
     Args:
         lengths: tokens per example.
         batch_size: examples per micro-batch; `accumulate` micro-batches per step on each of
             `world_size` devices; `rank` is this device's.
         seed: shuffle seed; epoch e shuffles with seed + e (`set_epoch`, which Lightning calls).
+        max_tokens: padded positions per micro-batch at most (None: no limit); one example longer
+            than that is a micro-batch of its own.
     """
 
     def __init__(
@@ -49,8 +57,10 @@ class StepSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        max_tokens: int | None = None,
     ):
         self.lengths, self.batch_size, self.accumulate = lengths, batch_size, accumulate
+        self.max_tokens = max_tokens
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         self.step_size = batch_size * accumulate * world_size  # examples per global step
 
@@ -75,7 +85,20 @@ class StepSampler:
         for s in range(len(self)):
             step = order[s * self.step_size : (s + 1) * self.step_size]
             micro = [step[i : i + b] for i in range(0, len(step), b)]
-            yield micro[self.rank :: self.world_size]
+            yield [part for m in micro[self.rank :: self.world_size] for part in self.cut(m, micro)]
+
+    def padded(self, micro: list[int]) -> int:
+        """Positions of `micro` once padded: examples x the longest, rounded up to 8."""
+        return len(micro) * -(-max(self.lengths[j] for j in micro) // 8) * 8
+
+    def cut(self, micro: list[int], step: list[list[int]]) -> list[list[int]]:
+        """`micro` as k near-equal consecutive parts, k from the step's largest micro-batch."""
+        if not self.max_tokens:
+            return [micro]
+        k = min(len(micro), max(-(-self.padded(m) // self.max_tokens) for m in step))
+        size, extra = divmod(len(micro), k)
+        bounds = [i * size + min(i, extra) for i in range(k + 1)]
+        return [micro[bounds[i] : bounds[i + 1]] for i in range(k)]
 
 
 def device_share(trainer) -> dict[str, int]:
@@ -86,7 +109,9 @@ def device_share(trainer) -> dict[str, int]:
 
 
 def eval_loader(data, batch_size: int, collate_fn: Callable, num_workers: int, trainer):
-    """A validation/test loader in data order; over several devices each example goes to exactly
+    """A validation/test loader, longest examples first (`longest_first`: batches of similar
+    lengths hold little padding, and the largest comes first; token-weighted means do not depend
+    on the order); over several devices each example goes to exactly
     one of them (Lightning's `UnrepeatedDistributedSampler`, rank r takes r, r + W, ...).
 
     Lightning's default distributed sampler pads the last round by repeating examples, so that
@@ -94,6 +119,7 @@ def eval_loader(data, batch_size: int, collate_fn: Callable, num_workers: int, t
     over all tokens, and `eval_loss` would differ from one device's. Here ranks may run one batch
     fewer: evaluation steps hold no collective (metrics are reduced once, at the end).
     """
+    data = longest_first(data)
     share = device_share(trainer)
     sampler = None
     if share["world_size"] > 1:
@@ -103,6 +129,19 @@ def eval_loader(data, batch_size: int, collate_fn: Callable, num_workers: int, t
     return DataLoader(
         data, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
     )
+
+
+def longest_first(data):
+    """`data` (a `datasets.Dataset` or a list of examples with `input_ids`) in order of
+    decreasing length (ties in data order); unchanged when it has no `input_ids`."""
+    try:
+        lengths = [len(ids) for ids in data["input_ids"]]
+    except (KeyError, TypeError, IndexError):
+        return data
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if order == list(range(len(lengths))):
+        return data
+    return data.select(order) if hasattr(data, "select") else [data[i] for i in order]
 
 
 def split_stream(stream: datasets.IterableDataset, trainer) -> datasets.IterableDataset:
@@ -165,7 +204,7 @@ class StepLoader:
             for batch, indices in zip(batches, step, strict=True):  # named in fault reports
                 batch["example_index"] = torch.tensor(indices)
             self.steps_done += 1
-            yield batches if self.sampler.accumulate > 1 else batches[0]
+            yield batches if len(batches) > 1 or self.sampler.accumulate > 1 else batches[0]
 
 
 class StreamSteps:
