@@ -4,8 +4,6 @@ files: atomically, so an interrupted or failed write never leaves a half-written
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import importlib.metadata
 import io
@@ -18,8 +16,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
-
-import psutil
 
 # -- atomic writes ---------------------------------------------------------------------------------
 
@@ -294,65 +290,16 @@ def config_hash(cfg: Any) -> str:
 # -- memory ----------------------------------------------------------------------------------------
 
 
-# What `peak_rss_mb` covers: set by `reset_peak_rss`, recorded beside it in metrics.json.
-_peak_since = {"event": "process start"}
+# Peak resident memory lives in lorafit.memory; these names stay here for existing callers.
+from lorafit.memory import (  # noqa: E402
+    MemoryPhases,
+    peak_rss_mb,
+    peak_rss_scope,
+    reset_peak_rss,
+    rss_mb,
+)
 
-
-def _release_free_memory() -> None:
-    """Collect garbage (an earlier run's objects held in reference cycles) and hand freed heap
-    pages back to the OS (glibc's malloc_trim), so they are not counted as this run's memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
-        pass
-
-
-def reset_peak_rss(since: str = "run start") -> bool:
-    """Restart the kernel's peak-RSS count (Linux >= 4.0: VmHWM) after freeing what is garbage.
-
-    A run calls it at its start and again once the model is loaded, so its `peak_rss_mb` holds
-    neither the one-time GGUF conversion nor what earlier runs of a sequential multirun left.
-
-    Args:
-        since: the event the count now starts at, for `peak_rss_scope`.
-
-    Returns:
-        False where the count cannot be reset (not Linux): the peak then counts from the process
-        start, and `peak_rss_scope` says so.
-    """
-    _release_free_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    _peak_since["event"] = since
-    return True
-
-
-def peak_rss_scope() -> str:
-    """What `peak_rss_mb` covers now, e.g. `process peak since model load` (metrics.json's
-    `peak_rss_scope`: runs compare by `peak_rss_mb` only when it is the same)."""
-    return f"process peak since {_peak_since['event']}"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory in MiB since the last `reset_peak_rss` that worked, else since the
-    process started (see `peak_rss_scope`).
-
-    psutil reports the peak where the OS keeps one (`peak_wset` on Windows); on Linux it has no
-    peak field, so the kernel's VmHWM is read, and RSS now is the floor elsewhere.
-    """
-    mem = psutil.Process().memory_info()
-    peak = getattr(mem, "peak_wset", None)
-    if peak is None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return max(peak or 0, mem.rss) / 2**20
+__all__ = ["MemoryPhases", "peak_rss_mb", "peak_rss_scope", "reset_peak_rss", "rss_mb"]
 
 
 # -- hardware --------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from lorafit.config import (
     group_object,
 )
 from lorafit.distributed import (
+    compile_layers,
     full_weights,
     prepare_launch,
     ranks_scope,
@@ -49,6 +50,7 @@ from lorafit.reproduce import resume_argv
 from lorafit.schema import check_config, check_override_keys
 from lorafit.tasks import faults
 from lorafit.tasks.base import LoRAModule, dropout_rates
+from lorafit.tasks.evaluation import RunEvaluation, before_cache_key
 from lorafit.tasks.general import general_loss
 
 log = logging.getLogger("lorafit")
@@ -98,7 +100,7 @@ def validate(cfg: DictConfig) -> type[LoRAModule]:
     return task
 
 
-def build(cfg: DictConfig, task: type[LoRAModule]):
+def build(cfg: DictConfig, task: type[LoRAModule], phases: runinfo.MemoryPhases | None = None):
     """Config -> (model, tokenizer, model_dir, lora config, lora report, datamodule).
 
     The data is read before the model so that the task can size the model from it (a classifier
@@ -111,14 +113,19 @@ def build(cfg: DictConfig, task: type[LoRAModule]):
     # A node without _target_ (a user's `lora` file holding only `r: 4`) takes the defaults.
     model_cfg: ModelConfig = group_object(ModelConfig, cfg.model, "model")
     lora: LoRAConfig = group_object(LoRAConfig, cfg.lora, "lora")
+    phases = phases or runinfo.MemoryPhases()
+    phases.start("data")
     model_dir = resolve_model_dir(model_cfg)
     tokenizer = load_tokenizer(model_dir, model_cfg)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")  # raises DataError when no training / validation example is left
+    phases.start("load")
     model = load_model(model_dir, model_cfg, task.name, **task.model_kwargs(datamodule))
+    phases.stop()
     # peak_rss_mb counts from here: a GGUF conversion, the loader's own peak and what earlier
     # runs of a multirun left are not this run's training memory (metrics.json: peak_rss_scope).
     runinfo.reset_peak_rss(since="model load")
+    phases.start("setup")
     heads = task.head_names(model)
     if lora.full_finetune:
         model.requires_grad_(True)
@@ -223,7 +230,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runinfo.reset_peak_rss()
     set_threads(cfg)  # Lightning's DDP launcher may lower it: metrics read it after the fit
     L.seed_everything(cfg.seed, workers=True)
-    model, tokenizer, model_dir, lora, report, datamodule = build(cfg, task)
+    phases = runinfo.MemoryPhases()  # metrics.json memory_phases: peak RSS per phase
+    model, tokenizer, model_dir, lora, report, datamodule = build(cfg, task, phases)
+    compile_layers(model, cfg.trainer.get("compile"))
     module = instantiate(cfg.task)(
         model=model,
         optimizer=instantiate(cfg.optimizer),
@@ -264,23 +273,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path and getattr(datamodule, "streaming", False):
         log.warning("A streamed training set is not resumable mid-epoch: it restarts its epoch.")
 
-    def evaluate() -> dict[str, float]:
-        """Validation metrics as `{"eval_loss": ..., "eval_accuracy": ..., ...}`."""
-        out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        return {k.replace("val/", "eval_", 1): float(v) for k, v in out.items()}
-
     general = general_loss(cfg.get("eval"), task.name, tokenizer)  # forgetting: text off the task
-    before = {**evaluate(), **general(trainer, model)}  # + general_loss (causal_lm)
+    key = before_cache_key(cfg, datamodule, model_dir, trainer.world_size)
+    evaluation = RunEvaluation(trainer, module, datamodule, general, key)
+    phases.start("validate_before")
+    before = evaluation.before()  # eval_loss (+ general_loss for causal_lm), cached by base+data
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    phases.start("fit")
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - t0
-    after = {**evaluate(), **general(trainer, model)}
+    phases.start("validate_after")
+    after = evaluation.after()  # the fit's last validation when it ran on the final weights
     task_metrics = module.after_fit(trainer, datamodule, run_dir)  # every rank: may evaluate
+    phases.start("save")
     with full_weights(trainer):  # FSDP / ZeRO-3: whole tensors while rank 0 saves; all enter
         if trainer.is_global_zero:  # DDP: one process writes the run folder
             adapter_bytes = save_weights(cfg, task, model, tokenizer, model_dir, lora, datamodule)
+    phases.stop()
     if not trainer.is_global_zero:
         return {"eval_loss_after": after["eval_loss"]}
     csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
@@ -296,6 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, task, lora, report, datamodule, module, trainer, before, after, task_metrics,
         adapter_bytes=adapter_bytes, train_seconds=train_seconds, threads=torch.get_num_threads(),
     )  # fmt: skip
+    metrics |= {"eval_before_cached": evaluation.cached_before, "memory_phases": phases.table}
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):  # the final numbers as the W&B run summary
             lg.experiment.summary.update(
