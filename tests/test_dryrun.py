@@ -54,7 +54,7 @@ def test_dry_run_counts_what_the_real_build_counts(tmp_path, smol_tokenizer, cap
     assert (figures["micro_batch_size"], figures["accumulate"]) == (4, 2)
     assert figures["steps_per_epoch"] == 5 and figures["total_steps"] == 15  # 40 / 8, 3 epochs
     assert figures["batch_shape"][0] == 4 and figures["batch_shape"][1] <= 256
-    assert figures["memory"] is None  # the `lorafit estimate` hook: no figure yet
+    assert f"for a 4 x {figures['batch_shape'][1]} micro-batch" in figures["memory"]  # estimate
     out = capsys.readouterr().out
     assert "trainable params: 1,792 of" in out and "5 per epoch, 15 in all" in out
     assert "q_proj x2 (32->32)" in out and "k_proj x2 (32->16)" in out

@@ -20,6 +20,7 @@ commands:
   generate [SOURCE]   answer prompts with a base, adapter, run or merged folder (--compare)
   report DIR          summary.csv, summary.md, tradeoff.png of a multirun folder
   reproduce RUN_DIR   re-run a run from its folder and compare the metrics
+  estimate [MODEL] [overrides]   parameters, adapter size, peak memory, FLOPs; no weights read
   analyze RUN [RUN_B] what the adapter learned: spectra, effective rank, rank advice (--out DIR)
 """
 
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"\nlorafit {command}: error: {msg}\n", file=sys.stderr)
             return 1
+    if command == "estimate":
+        from lorafit.estimate import main as estimate
+
+        return estimate(rest)
     if command in ("report", "reproduce"):
         return sweep_tools(command, rest)
     print(f"lorafit: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

@@ -9,7 +9,6 @@ matched modules, trainable parameters, examples, steps per epoch and in all, the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from collections import Counter
@@ -25,6 +24,7 @@ from transformers import AutoConfig
 
 from lorafit.config import group_object
 from lorafit.distributed import step_shape
+from lorafit.estimate import estimate_config, trainable_like_a_run
 from lorafit.lora import LoRAConfig, LoRAReport, lora_report
 from lorafit.models import AUTO_CLASSES, ModelConfig, load_tokenizer, resolve_model_dir
 from lorafit.schema import compose_train
@@ -57,10 +57,16 @@ def world_size(trainer: DictConfig) -> int:
 def memory_figure(
     cfg: DictConfig, report: LoRAReport, batch: dict[str, torch.Tensor]
 ) -> str | None:
-    """Hook for `lorafit estimate`'s peak-memory figure of this run (weights, LoRA and optimizer
-    state, activations of one micro-batch `batch`). None until that tool exists; the dry run
-    prints the figure when this returns one."""
-    return None
+    """`lorafit estimate`'s peak-memory figure of this run (weights, LoRA and optimizer state,
+    activations of the micro-batch `batch`), one line for the dry run's summary."""
+
+    shape = tuple(batch["input_ids"].shape)
+    e = estimate_config(cfg, batch_shape=shape)
+    return (
+        f"~{e['peak_mb']:,.0f} MiB peak RSS for a {shape[0]} x {shape[1]} micro-batch "
+        f"(activations {e['memory_parts_mb']['activations saved for backward']:,.0f} MiB; "
+        f"`lorafit estimate` for the parts)"
+    )
 
 
 def total_steps(trainer: DictConfig, steps_per_epoch: int | None) -> int | None:
@@ -134,13 +140,7 @@ def dry_run(overrides: list[str]) -> dict[str, Any]:
     datamodule.setup("fit")
 
     model = meta_model(model_dir, model_cfg, task, datamodule)
-    heads = task.head_names(model)
-    if lora.full_finetune:
-        model.requires_grad_(True)
-    else:  # PiSSA / OLoRA read weights to initialise: the default init has the same shapes
-        dataclasses.replace(lora, init="default").inject(model, modules_to_save=heads)
-    for name in heads:
-        model.get_submodule(name).requires_grad_(True)
+    trainable_like_a_run(model, lora, task.head_names(model))
     report = lora_report(model)
 
     devices = world_size(cfg.trainer)
