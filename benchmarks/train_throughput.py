@@ -1,6 +1,7 @@
 """Training throughput, measured: lorafit vs transformers + PEFT, same model, data, LoRA and steps.
 
-Both sides train the built-in SmolLM2-135M-Instruct (float32 weights, bf16 autocast) with LoRA r=8,
+Both sides train the built-in SmolLM2-135M-Instruct (bf16 autocast; the baseline loads it in
+float32 as the docs do, lorafit in its configured `model.dtype`, bfloat16 by default) with LoRA r=8,
 lora_alpha 16 on q,k,v,o (dropout 0), AdamW and lorafit's default cosine schedule (from
 conf/optimizer/adamw.yaml and conf/scheduler/cosine.yaml), gradient norm clipped to 1.0, batches of
 8 from the same training split of the built-in conversations (`ChatDataModule`, seed 42), for the
@@ -140,9 +141,12 @@ def vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def write_side(out: Path, steps: list[dict], peak_mb: float) -> None:
-    """One side's result file: its steps, peak RSS and thread count."""
+def write_side(
+    out: Path, steps: list[dict], peak_mb: float, eval_loss: float | None = None
+) -> None:
+    """One side's result file: its steps, peak RSS, thread count and held-out loss."""
     data = {"steps": steps, "peak_rss_mb": peak_mb, "threads": torch.get_num_threads()}
+    data["eval_loss"] = eval_loss
     out.write_text(json.dumps(data))
 
 
@@ -271,7 +275,30 @@ def run_baseline(a: argparse.Namespace) -> None:
             optimizer.zero_grad()
             value = loss.item()
             steps.append({**counts, "seconds": time.perf_counter() - t0, "loss": value})
-    write_side(Path(a.side_out), steps, vm_hwm_mb())
+    peak = vm_hwm_mb()  # the training's peak: the evaluation below is the benchmark's, not the
+    # baseline's own work (lorafit's validations are part of its run and stay in its peak)
+    write_side(Path(a.side_out), steps, peak, held_out_loss(model, datamodule, tokenizer, bf16))
+
+
+@torch.no_grad()
+def held_out_loss(model, datamodule, tokenizer, bf16: bool) -> float:
+    """The baseline's loss per supervised token on lorafit's validation split (the examples
+    lorafit's `eval_loss` is computed on), batches of `data.eval_batch_size`, as transformers
+    computes it (`model(**batch).loss`, weighted by each batch's supervised count)."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForSeq2Seq
+
+    model.eval()
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    loader = DataLoader(datamodule.val_set, batch_size=datamodule.eval_batch_size,
+                        collate_fn=collate)  # fmt: skip
+    total = count = 0.0
+    for batch in loader:
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total += float(model(**batch).loss) * n
+        count += n
+    return total / max(count, 1)
 
 
 def lorafit_overrides(a: argparse.Namespace, run_dir: Path, out: Path) -> list[str]:
@@ -318,6 +345,9 @@ def run_side(side: str, a: argparse.Namespace, tmp: Path, i: int) -> dict:
     if proc.returncode != 0 or not out.is_file():
         sys.exit(f"The {side} side failed (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(out.read_text())
+    if side == "lorafit":  # its held-out loss: the run's own eval_loss_after
+        metrics = json.loads((tmp / f"lorafit_run_{i}" / "metrics.json").read_text())
+        result["eval_loss"] = metrics["eval_loss_after"]
     if len(result["steps"]) != a.steps:
         sys.exit(f"The {side} side ran {len(result['steps'])} steps, not {a.steps}.")
     return result
@@ -387,6 +417,7 @@ def summarize(run: dict, warmup: int, coef: dict, peak_gflops: float) -> dict:
         "supervised_tokens_per_s": sum(s["supervised"] for s in timed) / seconds,
         "peak_rss_mb": run["peak_rss_mb"],
         "loss": statistics.fmean(s["loss"] for s in run["steps"][-LAST:]),
+        "eval_loss": run["eval_loss"],
         "flops_per_token": flops / tokens,
         "mfu": flops / seconds / (peak_gflops * 1e9),
         "padding": 1 - tokens / sum(s["positions"] for s in timed),
@@ -482,7 +513,7 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
     model = (
         "Tiny random Llama (smoke run, `--tiny`; SmolLM2's tokenizer, float32)"
         if a.tiny
-        else "SmolLM2-135M-Instruct (built-in, float32 weights)"
+        else "SmolLM2-135M-Instruct (built-in; baseline float32 weights, lorafit its model.dtype)"
     )
     precision = (
         "bf16 autocast (the CPU has native bf16)"
@@ -502,13 +533,15 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
         f"lorafit overrides added: `{a.lorafit_args or '(none)'}`.",
         f"Best of {a.repeats} run(s) per side (highest tokens/s); order: {', '.join(order)}.",
         "",
-        "| side | tokens/s | supervised tokens/s | peak RSS MB | last-10 loss | MFU |",
-        "|---|---|---|---|---|---|",
+        "| side | tokens/s | supervised tokens/s | peak RSS MB | last-10 loss | held-out loss "
+        "| MFU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for side, s in best.items():
         lines.append(
             f"| {side} | {s['tokens_per_s']:.1f} | {s['supervised_tokens_per_s']:.1f} | "
-            f"{s['peak_rss_mb']:.0f} | {s['loss']:.4f} | {100 * s['mfu']:.2f}% |"
+            f"{s['peak_rss_mb']:.0f} | {s['loss']:.4f} | {s['eval_loss']:.4f} | "
+            f"{100 * s['mfu']:.2f}% |"
         )
     all_runs = "; ".join(
         side + " " + ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs) for side, rs in runs.items()
@@ -528,6 +561,10 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
         f"{100 * lf['padding']:.1f}%.",
         "Peak RSS: each process's peak since its model was loaded; lorafit's includes its "
         "validation before and after training (outside the timed steps).",
+        "Losses: the last-10 training loss is over different examples on each side (lorafit's "
+        "steps are length-grouped, the baseline's random), so the JSON's `*_loss` is the "
+        "held-out loss after training on the same validation examples (lorafit's eval_loss; "
+        "the baseline's computed likewise after its steps, outside its peak RSS).",
         "",
     ]
     result = {
@@ -539,8 +576,10 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
         "peak_matmul_gflops": round(peak, 2),
         "lorafit_peak_rss_mb": round(lf["peak_rss_mb"], 1),
         "baseline_peak_rss_mb": round(b["peak_rss_mb"], 1),
-        "lorafit_loss": round(lf["loss"], 4),
-        "baseline_loss": round(b["loss"], 4),
+        "lorafit_loss": round(lf["eval_loss"], 4),
+        "baseline_loss": round(b["eval_loss"], 4),
+        "lorafit_train_loss_last10": round(lf["loss"], 4),
+        "baseline_train_loss_last10": round(b["loss"], 4),
         "lorafit_supervised_tokens_per_s": round(lf["supervised_tokens_per_s"], 2),
         "baseline_supervised_tokens_per_s": round(b["supervised_tokens_per_s"], 2),
         "steps": a.steps,

@@ -29,8 +29,8 @@ EXPECTED = {
     ],
     "train_throughput.py": [
         r"# Benchmark: training throughput, lorafit vs transformers \+ PEFT .*",
-        rf"\| baseline \|( {NUM} \|){{4}} {NUM}% \|",
-        rf"\| lorafit \|( {NUM} \|){{4}} {NUM}% \|",
+        rf"\| baseline \|( {NUM} \|){{5}} {NUM}% \|",
+        rf"\| lorafit \|( {NUM} \|){{5}} {NUM}% \|",
         rf"Ratio lorafit / baseline \(non-padding tokens/s\): {NUM}\. .*",
         rf'\{{"lorafit_tokens_per_s": {NUM}, "baseline_tokens_per_s": {NUM}, "ratio": {NUM}, '
         rf'"mfu": {NUM}, .*"lorafit_loss": {NUM}, "baseline_loss": {NUM}, .*\}}',

@@ -266,6 +266,7 @@ def test_bf16_precision_falls_back_to_32_bit_on_a_cpu_without_bf16(
     with caplog.at_level("INFO", logger="lorafit"):
         validate(cfg)
     assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert cfg.model.dtype == ("bfloat16" if native else "float32")  # the built-in's bf16 base
     assert ("no native bfloat16" in caplog.text) is not native
 
 

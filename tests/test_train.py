@@ -176,7 +176,14 @@ def test_build_leaves_the_model_in_train_mode_with_lora_dropout(tmp_path):
     from lorafit.train import build
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["data.max_train_examples=8", "samples.num_prompts=0"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "data.max_train_examples=8",
+                "samples.num_prompts=0",
+                "lora.lora_dropout=0.05",
+            ],
+        )
     model, *_ = build(cfg, CausalLMModule)
     assert all(m.training for m in model.modules())
     _, layer = next(lora_modules(model))

@@ -8,7 +8,8 @@ device, LoRA injected with `LoRAConfig.inject`, and the figures come from its pa
 
 Memory is the peak resident memory of the training process (what metrics.json's `peak_rss_mb`
 counts), as a sum of parts. Assumptions, per token of the worst-case micro-batch (every example
-`data.max_length` long: lorafit's sampler serves the longest batch first), for L layers of hidden
+`data.max_length` long: lorafit's sampler serves the longest batch first; cut into
+micro-batches by `data.micro_batch_tokens` as the sampler cuts it), for L layers of hidden
 h, intermediate i, a heads of dim d, on the CPU:
 - frozen weights in `model.dtype`; LoRA weights, grads and two AdamW moments in the LoRA dtype;
 - `bf16-mixed` autocast: matmul outputs in bf16, norms and the residual stream in the weights'
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -67,7 +68,6 @@ BASELINE_MB = 650
 # weight copies and logits chunks, are mapped and returned whole). Fitted on both built-ins'
 # default runs (3 steps): their peak RSS exceeds the other parts by ~30 % of the activations.
 SLACK = 0.3
-CKPT_KEY = "model.gradient_checkpointing"
 TASK_HEADS = ("classifier", "score", "pre_classifier")  # lorafit.tasks.classification's heads
 # LoRA targets whose input is a norm's output (float32 with float32 weights), not a matmul's
 RESIDUAL_READERS = (
@@ -104,19 +104,9 @@ def model_overrides(model: str | None) -> tuple[list[str], Path | None]:
 
 
 def compose(model: str | None, overrides: list[str]) -> tuple[DictConfig, Path | None]:
-    """The `train` config a run with these overrides would use (`model.gradient_checkpointing`
-    is honoured even where conf/model does not have the key yet)."""
+    """The `train` config a run with these overrides would use, and MODEL's config.json."""
     pinned, config_file = model_overrides(model)
-    ckpt = [o for o in overrides if o.lstrip("+").startswith(CKPT_KEY + "=")]
-    rest = [o for o in overrides if o not in ckpt]
-    cfg = compose_train(pinned + rest, return_hydra_config=False)
-    if ckpt:
-        value = ckpt[-1].split("=", 1)[1].strip().lower()
-        if value not in ("true", "false"):
-            raise ValueError(f"{CKPT_KEY}={value}: give true or false.")
-        with open_dict(cfg):
-            cfg.model.gradient_checkpointing = value == "true"
-    return cfg, config_file
+    return compose_train(pinned + overrides, return_hydra_config=False), config_file
 
 
 def hf_config(model_cfg: ModelConfig, config_file: Path | None) -> tuple[PretrainedConfig, str]:
@@ -181,14 +171,21 @@ def setup_of(cfg: DictConfig) -> Setup:
     on_cpu = cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
     if precision.startswith("bf16") and on_cpu and not cpu_has_bf16():
         precision = "32-true"  # as lorafit.train.validate decides on such a CPU
-    chunk = cfg.task.get("logits_chunk", 1024)
+    chunk = cfg.task.get("logits_chunk", 256)
+    batch, length = int(cfg.data.batch_size), int(cfg.data.get("block_size") or cfg.data.max_length)
+    # data.micro_batch_tokens cuts the worst-case micro-batch into k (lorafit.data.sampling)
+    budget = cfg.data.get("micro_batch_tokens") if not cfg.data.get("packing") else None
+    cut = min(batch, -(-batch * (-(-length // 8) * 8) // int(budget))) if budget else 1
+    dtype = str(cfg.model.dtype)
+    if precision == "32-true" and dtype == "bfloat16" and on_cpu and not cpu_has_bf16():
+        dtype = "float32"  # as lorafit.train.validate decides on such a CPU
     return Setup(
         task=str(cfg.task._target_).rsplit(".", 2)[-2],  # lorafit.tasks.<name>.<Class>
-        batch=int(cfg.data.batch_size),
-        length=int(cfg.data.get("block_size") or cfg.data.max_length),
-        accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1),
+        batch=-(-batch // cut),
+        length=length,
+        accumulate=int(cfg.trainer.get("accumulate_grad_batches") or 1) * cut,
         precision=precision,
-        dtype=getattr(torch, str(cfg.model.dtype)),
+        dtype=getattr(torch, dtype),
         checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
         chunk=int(chunk) if chunk else 0,
     )

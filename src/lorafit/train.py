@@ -30,11 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lorafit import artifacts, runinfo, sweeping
-from lorafit.config import (
-    CONF_DIR,
-    TRAINER_EXTRA_KEYS,
-    group_object,
-)
+from lorafit.config import CONF_DIR, TRAINER_EXTRA_KEYS, group_object
 from lorafit.distributed import (
     compile_layers,
     full_weights,
@@ -83,11 +79,14 @@ def validate(cfg: DictConfig) -> type[LoRAModule]:
     )
     if precision.startswith("bf16") and on_cpu and not runinfo.cpu_has_bf16():
         log.warning(
-            "trainer.precision=%s -> 32-true: this CPU has no native bfloat16 (AVX-512 BF16 or "
-            "AMX), so bf16 autocast would be emulated, slower than float32.",
+            "trainer.precision=%s -> 32-true (and a bfloat16 model.dtype -> float32): this CPU "
+            "has no native bfloat16 (AVX-512 BF16 or AMX), so bf16 would be emulated, slower "
+            "than float32.",
             precision,
         )
         cfg.trainer.precision = "32-true"
+        if str(cfg.model.get("dtype")) == "bfloat16":  # bf16 matmuls would be emulated too
+            cfg.model.dtype = "float32"
     task = get_class(cfg.task._target_)
     data_task = getattr(get_class(cfg.data._target_), "task", None)
     if data_task != task.name:

@@ -124,3 +124,15 @@ def test_bf16_base_keeps_a_float32_adapter(make_llama):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_trainer_compile_compiles_each_decoder_block_in_place(make_llama):
+    from lorafit.distributed import compile_layers
+
+    model = make_llama()
+    LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0).inject(model)
+    names = sorted(model.state_dict())
+    assert compile_layers(model, False) == 0
+    assert compile_layers(model, True) == len(model.model.layers) == 2
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert sorted(model.state_dict()) == names  # adapters save and load by the same keys

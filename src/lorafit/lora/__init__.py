@@ -225,7 +225,7 @@ class LoRAConfig:
 
     r: int | None = 8
     lora_alpha: float | None = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: Targets | None = ("q_proj", "k_proj", "v_proj", "o_proj")
     exclude_modules: Targets | None = None
     use_rslora: bool = False

@@ -21,9 +21,9 @@ class CausalLMModule(LoRAModule):
     validation token (weighted by each batch's token count).
 
     Args:
-        logits_chunk: rows of output-head scores computed at once (default 1,024: at most
-            `(1024, V)` float32 scores exist); null or 0: whole `(B, T, V)` logits, as
-            `model(...).logits` (more memory; the path before this switch existed).
+        logits_chunk: rows of output-head scores computed at once (default 256: at most
+            `(256, V)` float32 scores exist, 50 MB at V = 49,152); null or 0: whole `(B, T, V)`
+            logits, as `model(...).logits` (more memory; the path before this switch existed).
         **kwargs: `LoRAModule`'s.
     """
 
@@ -32,11 +32,11 @@ class CausalLMModule(LoRAModule):
     loss_label = "loss per supervised token (nats)"
     loss_unit = "supervised tokens"
 
-    def __init__(self, *args, logits_chunk: int | None = 1024, **kwargs):
+    def __init__(self, *args, logits_chunk: int | None = 256, **kwargs):
         super().__init__(*args, **kwargs)
         if logits_chunk is not None and (not isinstance(logits_chunk, int) or logits_chunk < 0):
             raise ValueError(
-                f"task.logits_chunk={logits_chunk}: give a whole number of rows (e.g. 1024), or "
+                f"task.logits_chunk={logits_chunk}: give a whole number of rows (e.g. 256), or "
                 "null for whole logits."
             )
         self.logits_chunk = logits_chunk

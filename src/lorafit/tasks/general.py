@@ -25,7 +25,7 @@ from lorafit.data.general import general_batches, general_texts
 from lorafit.tasks.lm_loss import supervised_loss, supervised_tokens
 
 log = logging.getLogger(__name__)
-LOGITS_CHUNK = 1024  # output-head rows scored at once (lorafit.tasks.lm_loss)
+LOGITS_CHUNK = 256  # output-head rows scored at once (lorafit.tasks.lm_loss)
 
 
 class GeneralLoss:
