@@ -95,6 +95,7 @@ TINY_LLAMA = dict(
     num_key_value_heads=2,
 )
 LAST = 10  # the training loss reported: mean over the last LAST steps
+CEILING_ROWS = 512  # rows of the matmul-ceiling measurement: lorafit's default micro-batch tokens
 
 
 # -- what one step holds -----------------------------------------------------------------------
@@ -367,9 +368,13 @@ def flop_model(model_dir: str) -> dict[str, float]:
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     linear = lora = 0
+    shapes: dict[tuple[int, int], int] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and m is not head:
             linear += m.in_features * m.out_features
+            shapes[m.in_features, m.out_features] = (
+                shapes.get((m.in_features, m.out_features), 0) + 1
+            )
             if name.rsplit(".", 1)[-1] in LORA["target_modules"]:
                 lora += m.in_features + m.out_features
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -377,7 +382,23 @@ def flop_model(model_dir: str) -> dict[str, float]:
         "per_token": 4 * linear + 6 * LORA["r"] * lora,
         "per_key": 12 * config.num_attention_heads * head_dim * config.num_hidden_layers,
         "per_supervised": 4 * head.in_features * head.out_features,
+        "shapes": shapes,
     }
+
+
+def shape_matmul_gflops(shapes: dict, m: int, seconds: float, dtype: torch.dtype) -> float:
+    """The matmul rate this model's layers can reach, GFLOP/s: each body Linear's forward
+    (m, in) @ (in, out) and input gradient (m, out) @ (out, in) at m rows (a micro-batch's
+    tokens), timed alone (best round), weighted by how many layers have that shape. Divided by
+    the square-matmul peak it is a ceiling for MFU: the rest of a step (norms, attention, RoPE,
+    the loss, the optimizer) only lowers it."""
+    flops = secs = 0.0
+    for (n_in, n_out), count in shapes.items():
+        for k, n in ((n_in, n_out), (n_out, n_in)):
+            rate = matmul_gflops(m, k, n, seconds / (2 * len(shapes)), dtype)
+            flops += 2 * m * k * n * count
+            secs += 2 * m * k * n * count / (rate * 1e9)
+    return flops / secs / 1e9
 
 
 def step_flops(step: dict, coef: dict[str, float]) -> float:
@@ -391,7 +412,12 @@ def step_flops(step: dict, coef: dict[str, float]) -> float:
 
 def peak_matmul_gflops(seconds: float, n: int, dtype: torch.dtype) -> float:
     """Best rate of an (n, n) @ (n, n) matmul in `dtype` over rounds filling `seconds`, GFLOP/s."""
-    x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return matmul_gflops(n, n, n, seconds, dtype)
+
+
+def matmul_gflops(m: int, k: int, n: int, seconds: float, dtype: torch.dtype) -> float:
+    """Best rate of an (m, k) @ (k, n) matmul in `dtype` over rounds filling `seconds`, GFLOP/s."""
+    x, y = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     torch.matmul(x, y)  # warm-up
     best, end = 0.0, time.perf_counter() + seconds
     reps = 1
@@ -400,7 +426,7 @@ def peak_matmul_gflops(seconds: float, n: int, dtype: torch.dtype) -> float:
         for _ in range(reps):
             torch.matmul(x, y)
         dt = time.perf_counter() - t0
-        best = max(best, 2 * n**3 * reps / dt / 1e9)
+        best = max(best, 2 * m * k * n * reps / dt / 1e9)
         if time.perf_counter() >= end:
             return best
         reps = max(1, min(reps * 2, int(reps * 0.25 / dt)))  # rounds of ~0.25 s
@@ -497,16 +523,17 @@ def run(a: argparse.Namespace, tmp: Path, model_dir: str) -> None:
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = peak_matmul_gflops(a.peak_seconds, a.peak_size, dtype)
     coef = flop_model(model_dir)
+    ceiling = shape_matmul_gflops(coef.pop("shapes"), CEILING_ROWS, a.peak_seconds, dtype)
     pairs = (("baseline", "lorafit"), ("lorafit", "baseline"))
     order = [side for i in range(a.repeats) for side in pairs[i % 2]]
     runs: dict[str, list[dict]] = {"baseline": [], "lorafit": []}
     for i, side in enumerate(order):
         runs[side].append(summarize(run_side(side, a, tmp, i), a.warmup, coef, peak))
     best = {side: max(r, key=lambda s: s["tokens_per_s"]) for side, r in runs.items()}
-    report(a, order, runs, best, peak, dtype, bf16)
+    report(a, order, runs, best, peak, dtype, bf16, ceiling)
 
 
-def report(a, order, runs, best, peak, dtype, bf16) -> None:
+def report(a, order, runs, best, peak, dtype, bf16, ceiling) -> None:
     import peft
     import transformers
 
@@ -557,6 +584,9 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
         f"matmul, best round of {a.peak_seconds:g} s). Model FLOPs per non-padding token "
         f"(docstring's formula): baseline {b['flops_per_token'] / 1e6:.1f} M, lorafit "
         f"{lf['flops_per_token'] / 1e6:.1f} M.",
+        f"Matmul ceiling: this model's body Linears at {CEILING_ROWS} rows (forward and input "
+        f"gradient, each timed alone) reach {ceiling:.1f} GFLOP/s = {ceiling / peak:.2f} of the "
+        "peak: no step of this model, whatever else it does, has a higher MFU.",
         f"Padding share of the (B, T) positions: baseline {100 * b['padding']:.1f}%, lorafit "
         f"{100 * lf['padding']:.1f}%.",
         "Peak RSS: each process's peak since its model was loaded; lorafit's includes its "
@@ -574,6 +604,7 @@ def report(a, order, runs, best, peak, dtype, bf16) -> None:
         "mfu": round(lf["mfu"], 5),
         "baseline_mfu": round(b["mfu"], 5),
         "peak_matmul_gflops": round(peak, 2),
+        "matmul_ceiling": round(ceiling / peak, 4),
         "lorafit_peak_rss_mb": round(lf["peak_rss_mb"], 1),
         "baseline_peak_rss_mb": round(b["peak_rss_mb"], 1),
         "lorafit_loss": round(lf["eval_loss"], 4),

@@ -230,7 +230,7 @@ def test_a_partial_user_lora_file_fills_the_rest_from_the_defaults(tmp_path, opt
     [
         ({"lora/typo.yaml": "rnak: 4\n"}, ["lora=typo"], ["lora.rnak", "lora.r?", "lora=typo"]),
         ({}, ["lora.lora_alpha=8", "+lora.lora_aplha=8"], ["lora.lora_aplha", "lora.lora_alpha?"]),
-        ({}, ["+model.attn_implementation=sdpa"], ["model.attn_implementation", "dtype"]),
+        ({}, ["+model.attn_impl=sdpa"], ["model.attn_impl", "dtype"]),
         ({}, ["+optimizer.lrr=1e-3"], ["optimizer.lrr", "optimizer.lr?"]),
     ],
     ids=["lora-file-typo", "lora-plus-typo", "model-plus-key", "optimizer-plus-typo"],

@@ -44,13 +44,17 @@ def test_llama2_7b_r8_on_qkvo_has_8388608_trainable_params(llama2, capsys):
 
 
 def test_memory_follows_the_options(llama2):
-    base = estimate([llama2])
-    ckpt = estimate([llama2, "model.gradient_checkpointing=true"])
-    half = estimate([llama2, "data.batch_size=4"])
-    bf16 = estimate([llama2, "model.dtype=bfloat16"])
-    r16 = estimate([llama2, "lora.r=16"])
+    whole = "data.micro_batch_tokens=null"  # the 8 x 256 micro-batch uncut
+    base = estimate([llama2, whole])
+    ckpt = estimate([llama2, whole, "model.gradient_checkpointing=true"])
+    half = estimate([llama2, whole, "data.batch_size=4"])
+    bf16 = estimate([llama2, whole, "model.dtype=bfloat16"])
+    r16 = estimate([llama2, whole, "lora.r=16"])
+    cut = estimate([llama2, "data.micro_batch_tokens=1024"])  # 2 micro-batches of 4 x 256
     parts = base["memory_parts_mb"]
     act = "activations saved for backward"
+    assert cut["memory_parts_mb"][act] == pytest.approx(parts[act] / 2, rel=0.01)
+    assert cut["flops_per_step"] == pytest.approx(base["flops_per_step"], rel=0.01)
     assert ckpt["memory_parts_mb"][act] < parts[act] / 5  # 32 layer inputs + one layer
     assert ckpt["memory_parts_mb"]["frozen weights"] == parts["frozen weights"]
     assert half["memory_parts_mb"][act] == pytest.approx(parts[act] / 2, rel=0.01)

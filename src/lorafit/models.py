@@ -67,6 +67,10 @@ class ModelConfig:
             keeping them (transformers' `gradient_checkpointing_enable`, non-reentrant: with a
             frozen base the reentrant variant needs inputs that require grad, PEFT's
             `enable_input_require_grads` workaround; the non-reentrant one does not).
+        attn_implementation: transformers' `attn_implementation` (`eager`, `sdpa`,
+            `flash_attention_2`, ...); None: transformers' default (SDPA). On a CPU at
+            fine-tuning lengths `eager` is faster (torch's CPU SDPA backward took a quarter of a
+            SmolLM2 step: +24 % tokens/s) at ~110 MB more peak memory (benchmarks/RESULTS.md).
     """
 
     name: str = "hf"
@@ -78,6 +82,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     quantization: str | None = None
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
 
 
 QUANTIZATIONS = ("nf4", "int8")
@@ -243,6 +248,8 @@ def load_model(
         )
     kwargs.update(quantization_kwargs(model_cfg.quantization, dtype))
     try:
+        if model_cfg.attn_implementation:
+            kwargs["attn_implementation"] = model_cfg.attn_implementation
         model = auto.from_pretrained(
             model_dir,
             dtype=dtype,

@@ -87,15 +87,18 @@ class StepSampler:
             micro = [step[i : i + b] for i in range(0, len(step), b)]
             yield [part for m in micro[self.rank :: self.world_size] for part in self.cut(m, micro)]
 
-    def padded(self, micro: list[int]) -> int:
-        """Positions of `micro` once padded: examples x the longest, rounded up to 8."""
-        return len(micro) * -(-max(self.lengths[j] for j in micro) // 8) * 8
+    def parts(self, micro: list[int]) -> int:
+        """Micro-batches `micro` must become so that none pads to more than `max_tokens`
+        positions (examples x the longest, rounded up to 8); one example is always one."""
+        longest = -(-max(self.lengths[j] for j in micro) // 8) * 8
+        return -(-len(micro) // max(1, self.max_tokens // longest))
 
     def cut(self, micro: list[int], step: list[list[int]]) -> list[list[int]]:
-        """`micro` as k near-equal consecutive parts, k from the step's largest micro-batch."""
+        """`micro` as k near-equal consecutive parts, k from the step's micro-batch that needs
+        the most: each part then holds at most `max_tokens // longest` examples."""
         if not self.max_tokens:
             return [micro]
-        k = min(len(micro), max(-(-self.padded(m) // self.max_tokens) for m in step))
+        k = min(len(micro), max(self.parts(m) for m in step))
         size, extra = divmod(len(micro), k)
         bounds = [i * size + min(i, extra) for i in range(k + 1)]
         return [micro[bounds[i] : bounds[i + 1]] for i in range(k)]
