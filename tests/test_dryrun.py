@@ -43,6 +43,7 @@ def test_dry_run_counts_what_the_real_build_counts(tmp_path, smol_tokenizer, cap
         "trainer.accumulate_grad_batches=2",
         "trainer.max_epochs=3",
         "lora.r=4",
+        "data.micro_batch_tokens=null",  # the first batch whole, as data.batch_size says
     ]
     monkeypatch.chdir(tmp_path)  # the run folder would be made under ./outputs
     figures, report, datamodule = same_as_build(overrides)

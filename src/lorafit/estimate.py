@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -54,19 +55,16 @@ from lorafit.config import group_object
 from lorafit.lora import LoRAConfig, lora_modules, lora_report
 from lorafit.models import AUTO_CLASSES, ModelConfig, builtin_model, cache_dir
 from lorafit.runinfo import cpu_has_bf16
-from lorafit.schema import compose_train
+from lorafit.schema import check_config, compose_train
 
 MB = 2**20
-# Measured here (torch 2.13 CPU, transformers 5.24, Lightning 2): `python -c "import lorafit.train"`
-# holds 530 MiB (tests/test_estimate.py re-measures it); a run at model load, its weights not yet
-# resident (safetensors are mapped, read on first use), 642 MiB (SmolLM2 + chat data) and 668 MiB
-# (MiniLM + BBC News): imports, config, tokenizer and data (metrics.json `memory_phases`).
+# Measured (torch 2.13 CPU): `import lorafit.train` holds 530 MiB (tests/test_estimate.py checks);
+# a run at model load (imports, tokenizer, data; weights mapped, not yet read) 642-668 MiB.
 IMPORTS_MB = 530
 BASELINE_MB = 650
-# What autograd saves (modelled above) is not all a step holds: forward/backward temporaries
-# come and go and the heap keeps freed blocks of these many mid-sized tensors (the big ones,
-# weight copies and logits chunks, are mapped and returned whole). Fitted on both built-ins'
-# default runs (3 steps): their peak RSS exceeds the other parts by ~30 % of the activations.
+# Temporaries and the heap's freed blocks beyond what autograd saves: fitted on both built-ins'
+# 3-step runs (peak RSS exceeds the other parts by ~30 % of the activations). A long run grows
+# further (oneDNN's per-shape kernels, fragmentation): the 202-step default peaks ~20 % higher.
 SLACK = 0.3
 TASK_HEADS = ("classifier", "score", "pre_classifier")  # lorafit.tasks.classification's heads
 # LoRA targets whose input is a norm's output (float32 with float32 weights), not a matmul's
@@ -106,7 +104,12 @@ def model_overrides(model: str | None) -> tuple[list[str], Path | None]:
 def compose(model: str | None, overrides: list[str]) -> tuple[DictConfig, Path | None]:
     """The `train` config a run with these overrides would use, and MODEL's config.json."""
     pinned, config_file = model_overrides(model)
-    return compose_train(pinned + overrides, return_hydra_config=False), config_file
+    cfg = compose_train(pinned + overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    check_config(cfg, built={"model": ModelConfig, "lora": LoRAConfig})  # as `lorafit train`
+    return cfg, config_file
 
 
 def hf_config(model_cfg: ModelConfig, config_file: Path | None) -> tuple[PretrainedConfig, str]:

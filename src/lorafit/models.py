@@ -84,8 +84,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
 
+    def __post_init__(self) -> None:
+        impl = self.attn_implementation
+        if impl is not None and impl not in ATTENTION and "/" not in str(impl):  # hub kernels
+            raise ModelError(
+                f"model.attn_implementation={impl!r} is not one transformers knows; use null "
+                f"(its default) or one of {', '.join(ATTENTION)}."
+            )
+
 
 QUANTIZATIONS = ("nf4", "int8")
+# transformers' attention implementations (`attn_implementation`); a hub kernel is "org/repo"
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[str, Any]:

@@ -30,7 +30,8 @@ def check_config(cfg: DictConfig, built: Mapping[str, type]) -> None:
         built: groups built as these dataclasses (`group_object`) when they lack `_target_`.
 
     Raises:
-        ValueError: from the checks named above; each names the key, the value and the fix.
+        ValueError: from the checks named above; each names the key, the value and the fix;
+            also `data.packing` with a flash `model.attn_implementation`.
     """
     hc = HydraConfig.get()
     choices, overrides = hc.runtime.choices, list(hc.overrides.task)
@@ -38,6 +39,14 @@ def check_config(cfg: DictConfig, built: Mapping[str, type]) -> None:
     if hc.mode == RunMode.MULTIRUN:
         check_target_sweep(cfg.lora.get("target_modules"), overrides)
     check_values(cfg, choices, built, overrides)
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    if data.get("packing") and "flash" in str(model.get("attn_implementation") or ""):
+        raise ValueError(
+            f"data.packing=true with model.attn_implementation={model.attn_implementation}: "
+            "flash attention keeps packed examples apart only in one flattened row, and packed "
+            "batches have several; set model.attn_implementation=sdpa (or eager), or "
+            "data.packing=false."
+        )
 
 
 __all__ = [
