@@ -71,7 +71,7 @@ def test_dry_run_of_the_default_config_prints_the_run_and_makes_no_folder(tmp_pa
     assert "matched modules: 120: q_proj x30 (576->576), k_proj x30 (576->192)" in out
     assert "808 train, 90 validation" in out
     assert "101 per epoch, 202 in all" in out  # ceil(808 / 8), 2 epochs
-    assert "input_ids (8, " in out
+    assert "input_ids (2, 256)" in out  # the longest step, cut to 512 positions per micro-batch
     assert list(tmp_path.iterdir()) == []  # no outputs/, no .hydra, no log file
 
 

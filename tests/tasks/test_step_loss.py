@@ -159,7 +159,8 @@ def test_step_loss_and_update_match_transformers(smol_dir, smol_tokenizer, tmp_p
     assert abs(float(trainer.callback_metrics["train/loss"]) - float(want)) < 1e-5
     grads = dict(reference.named_parameters())
     # SGD at lr 1: before - after = gradient. lorafit scores only the supervised rows, in chunks
-    # (lorafit.tasks.lm_loss): float32 sums in another order, equal to 1e-4 of the largest entry.
+    # (lorafit.tasks.lm_loss): float32 sums in another order through 30 layers, measured up to
+    # 1.03e-4 of the largest entry; checked at 3e-4 (a wrong gradient is off by its own size).
     for k, p in trainable.items():
         scale = grads[k].grad.abs().max()
-        assert ((before[k] - p.detach()) - grads[k].grad).abs().max() < 1e-4 * scale, k
+        assert ((before[k] - p.detach()) - grads[k].grad).abs().max() < 3e-4 * scale, k
