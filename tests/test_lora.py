@@ -44,9 +44,11 @@ def test_lora_linear_shapes_init_and_repr():
     assert isinstance(LoRALinear(base, 4, 8, lora_dropout=0.1).lora_dropout, nn.Dropout)
 
 
-def test_lora_linear_follows_base_dtype_and_meta_device():
+def test_lora_linear_on_a_bf16_base_is_float32_and_follows_the_meta_device():
+    """PEFT's autocast_adapter_dtype: a bf16 base (model.dtype) keeps a float32 adapter."""
     bf16 = LoRALinear(nn.Linear(16, 8, dtype=torch.bfloat16), r=2, lora_alpha=4)
-    assert bf16.lora_A.dtype == bf16.lora_B.dtype == torch.bfloat16
+    assert bf16.lora_A.dtype == bf16.lora_B.dtype == torch.float32
+    assert bf16(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
     with torch.device("meta"):
         meta = LoRALinear(nn.Linear(16, 8), r=2, lora_alpha=4)
     assert meta.lora_A.is_meta and meta.lora_B.is_meta
