@@ -61,6 +61,7 @@ def test_ddp_cpu_equals_one_process_on_the_default_job(tmp_path):
     """The issue's check on the real SmolLM2 and conversations: 2 processes x batch 8 against one
     process x batch 16, 6 steps, float32, dropout 0."""
     common = ["trainer.max_steps=6", "lora.lora_dropout=0", "trainer.precision=32"]
+    common += ["model.dtype=float32"]  # the built-in's default frozen dtype is bfloat16
     common += ["samples.num_prompts=0", "callbacks=none", "eval.general_docs=16"]
     one, two = tmp_path / "one", tmp_path / "two"
     proc = lorafit("train", f"hydra.run.dir={one}", *common, "data.batch_size=16", cwd=tmp_path)
