@@ -86,14 +86,6 @@ SIZES = {
     "full": dict(steps=40, warmup=3, repeats=2, peak_seconds=5.0, peak_size=2048),
     "tiny": dict(steps=5, warmup=1, repeats=1, peak_seconds=0.2, peak_size=256),
 }
-# The smoke run's model: tests/tiny_runs.py's tiny Llama (grouped-query attention like SmolLM2).
-TINY_LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 LAST = 10  # the training loss reported: mean over the last LAST steps
 CEILING_ROWS = 512  # rows of the matmul-ceiling measurement: lorafit's default micro-batch tokens
 
@@ -465,24 +457,6 @@ def machine() -> str:
 # -- main ----------------------------------------------------------------------------------------
 
 
-def write_tiny_base(folder: Path, builtin_dir: str) -> str:
-    """Save a tiny random Llama with the built-in's tokenizer into ``folder``; return its path."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(builtin_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random Llama, 5 steps")
@@ -513,7 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         from lorafit.models import ModelConfig, resolve_model_dir
 
         builtin = resolve_model_dir(group_object(ModelConfig, compose([]).model, "model"))
-        a.tiny_dir = write_tiny_base(Path(tmp) / "tiny", builtin) if a.tiny else None
+        from bench_merge import write_tiny_base  # the merge benchmark's tiny Llama, same tokenizer
+
+        a.tiny_dir = write_tiny_base(Path(tmp) / "tiny") if a.tiny else None
         run(a, Path(tmp), a.tiny_dir or builtin)
 
 
